@@ -1,0 +1,53 @@
+"""The HTTP API: a Flask app that validates, authenticates and enqueues; it never runs jobs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+from redis import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from web import errors
+from web.api import Api
+from web.settings import config_from_env
+from worker import contract
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the API app from the environment, overridden by `test_config`."""
+    from web import health, jobs
+
+    app = Flask(__name__)
+    app.config.update(config_from_env())
+    app.config.update(
+        API_TITLE="LLM queue",
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="/docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        API_SPEC_OPTIONS={
+            "components": {"securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}},
+            "security": [{"ApiKey": []}],
+        },
+    )
+    if test_config:
+        app.config.update(test_config)
+    if not app.config.get("TESTING"):
+        contract.configure_logging(app.config["LOG_DIR"], app.config["LOG_LEVEL"])
+
+    app.extensions["redis"] = Redis.from_url(
+        app.config["REDIS_URL"],
+        socket_connect_timeout=0.5,
+        socket_timeout=1.0,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+    )
+    api = Api(app)
+    api.register_blueprint(health.bp)
+    api.register_blueprint(jobs.bp)
+    errors.register_error_handlers(app)
+    return app

@@ -1,0 +1,95 @@
+"""Errors of the HTTP API and the one place that turns exceptions into JSON responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.exceptions
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+
+class Unauthorized(Exception):
+    """The request has no API key, or one that is not configured."""
+
+
+class TaskNotFound(Exception):
+    """No task with that id belongs to the caller's key."""
+
+
+class ServiceMisconfigured(Exception):
+    """The service cannot serve requests as configured."""
+
+
+# Exception -> (HTTP status, error_type). The only place exceptions become statuses.
+ERROR_MAP: dict[type[BaseException], tuple[int, str]] = {
+    Unauthorized: (401, "unauthorized"),
+    TaskNotFound: (404, "not_found"),
+    ServiceMisconfigured: (503, "misconfigured"),
+    redis.exceptions.ConnectionError: (503, "queue_unavailable"),
+    redis.exceptions.TimeoutError: (503, "queue_unavailable"),
+}
+_HTTP_ERROR_TYPES = {400: "validation_error", 413: "payload_too_large", 422: "validation_error"}
+_MESSAGES = {
+    "queue_unavailable": "the job queue is unavailable, try again shortly",
+}
+RETRY_AFTER_SECONDS = 5
+"""Retry-After sent with 503 answers."""
+
+
+def error_body(error_type: str, message: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return the API's one error shape; `detail` repeats the message for the previous API's clients."""
+    body: dict[str, Any] = {"status": "error", "error_type": error_type, "error_message": message, "detail": message}
+    if fields:
+        body["errors"] = fields
+    return body
+
+
+def http_error_response(error: HTTPException) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Render a werkzeug/webargs HTTP error (validation, 404, 405, 413, ...) in the error shape."""
+    data = getattr(error, "data", None) or {}
+    fields = _flatten_fields(data.get("messages") or data.get("errors"))
+    status = 400 if error.code == 422 else error.code or 500
+    error_type = _HTTP_ERROR_TYPES.get(status, error.name.lower().replace(" ", "_"))
+    if fields:
+        message = "invalid request: " + "; ".join(f"{name}: {' '.join(msgs)}" for name, msgs in fields.items())
+    else:
+        message = data.get("message") or error.description or error.name
+    headers = data.get("headers") or {}
+    return error_body(error_type, message, fields), status, headers
+
+
+def _flatten_fields(messages: Any) -> dict[str, list[str]] | None:
+    """Turn webargs' {location: {field: [msgs]}} into {field: [msgs]}, naming nested fields with dots."""
+    if not messages:
+        return None
+    flat: dict[str, list[str]] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                name = "body" if key == "_schema" else str(key)
+                walk(f"{prefix}.{name}" if prefix else name, sub)
+        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+            flat.setdefault(prefix or "body", []).extend(value)
+        else:
+            flat.setdefault(prefix or "body", []).append(str(value))
+
+    for location_messages in messages.values() if isinstance(messages, dict) else [messages]:
+        walk("", location_messages)
+    return flat
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Answer every exception in `ERROR_MAP` with its status and the error shape."""
+
+    def handle(exc: Exception):
+        status, error_type = next(ERROR_MAP[cls] for cls in type(exc).__mro__ if cls in ERROR_MAP)
+        response = jsonify(error_body(error_type, _MESSAGES.get(error_type) or str(exc)))
+        if status == 503:
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+            app.logger.warning("%s: %s", error_type, exc)
+        return response, status
+
+    for exc_class in ERROR_MAP:
+        app.register_error_handler(exc_class, handle)

@@ -1,0 +1,133 @@
+"""Request and response schemas of the HTTP API; the OpenAPI spec is generated from them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app
+from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
+
+from worker import contract
+
+STATUSES = [
+    contract.STATUS_QUEUED,
+    contract.STATUS_PROCESSING,
+    contract.STATUS_COMPLETED,
+    contract.STATUS_ERROR,
+    contract.STATUS_CANCELLED,
+]
+
+
+class StrictFloat(fields.Float):
+    """A float that refuses strings and booleans instead of coercing them."""
+
+    def _validated(self, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.make_error("invalid")
+        return super()._validated(value)
+
+
+class MessageSchema(Schema):
+    role = fields.String(required=True, validate=validate.OneOf(["system", "user", "assistant"]))
+    content = fields.String(required=True, validate=validate.Length(min=1))
+
+
+class GenerateRequestSchema(Schema):
+    prompt = fields.String(metadata={"description": "Text to complete. Give this or `messages`."})
+    messages = fields.List(
+        fields.Nested(MessageSchema),
+        validate=validate.Length(min=1),
+        metadata={"description": "Chat messages, answered with the model's chat template. Give this or `prompt`."},
+    )
+    max_tokens = fields.Integer(
+        strict=True, metadata={"description": "Tokens to generate, 1..MAX_NEW_TOKENS (default DEFAULT_MAX_TOKENS)."}
+    )
+    temperature = StrictFloat(load_default=0.7, validate=validate.Range(0.0, 2.0))
+    top_p = StrictFloat(load_default=1.0, validate=validate.Range(0.0, 1.0, min_inclusive=False))
+    user_id = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=256))
+    stop = fields.List(fields.String(validate=validate.Length(min=1)), load_default=None, allow_none=True,
+                       validate=validate.Length(max=8))
+    seed = fields.Integer(strict=True, load_default=None, allow_none=True)
+
+    @validates_schema
+    def check_input(self, data: dict[str, Any], **kwargs: Any) -> None:
+        """Require exactly one of prompt and messages, within the configured size limits."""
+        config = current_app.config
+        prompt, messages = data.get("prompt"), data.get("messages")
+        if (prompt is None) == (messages is None):
+            raise ValidationError("give exactly one of `prompt` and `messages`", field_name="prompt")
+        if prompt is not None and not prompt.strip():
+            raise ValidationError("must not be empty", field_name="prompt")
+        size = len(prompt) if prompt is not None else sum(len(m["content"]) for m in messages)
+        if size > config["MAX_PROMPT_CHARS"]:
+            field = "prompt" if prompt is not None else "messages"
+            raise ValidationError(f"longer than {config['MAX_PROMPT_CHARS']} characters", field_name=field)
+        max_tokens = data.get("max_tokens", config["DEFAULT_MAX_TOKENS"])
+        if not 1 <= max_tokens <= config["MAX_NEW_TOKENS"]:
+            raise ValidationError(f"must be between 1 and {config['MAX_NEW_TOKENS']}", field_name="max_tokens")
+
+    @post_load
+    def fill_defaults(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """Apply the configured default for `max_tokens`."""
+        data.setdefault("max_tokens", current_app.config["DEFAULT_MAX_TOKENS"])
+        return data
+
+
+class TaskAcceptedSchema(Schema):
+    status = fields.String(required=True, metadata={"example": contract.STATUS_QUEUED})
+    task_id = fields.String(required=True)
+    message = fields.String(required=True)
+
+
+class TaskStatusSchema(Schema):
+    status = fields.String(required=True, validate=validate.OneOf(STATUSES))
+    task_id = fields.String(required=True)
+    message = fields.String(required=True)
+
+
+class MetricsSchema(Schema):
+    queue_wait_time = fields.Float(allow_none=True, metadata={"description": "seconds"})
+    processing_time = fields.Float(allow_none=True, metadata={"description": "seconds"})
+    total_time = fields.Float(allow_none=True, metadata={"description": "seconds"})
+    prompt_tokens = fields.Integer(allow_none=True)
+    completion_tokens = fields.Integer(allow_none=True)
+    tokens_per_second = fields.Float(allow_none=True)
+    time_to_first_token = fields.Float(allow_none=True, metadata={"description": "seconds"})
+
+
+class TaskResultSchema(Schema):
+    """A finished task: `completed` with result and metrics, or `error` with its type and message."""
+
+    status = fields.String(required=True, validate=validate.OneOf(STATUSES))
+    task_id = fields.String(required=True)
+    message = fields.String()
+    result = fields.String()
+    finish_reason = fields.String(allow_none=True)
+    metrics = fields.Nested(MetricsSchema)
+    error_message = fields.String()
+    error_type = fields.String()
+
+
+class ErrorSchema(Schema):
+    status = fields.String(required=True, metadata={"example": "error"})
+    error_type = fields.String(required=True)
+    error_message = fields.String(required=True)
+    detail = fields.String(metadata={"description": "Same as error_message, for clients of the previous API."})
+    errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()),
+                         metadata={"description": "Messages per invalid field."})
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True, validate=validate.OneOf(["healthy", "degraded"]))
+    redis_connected = fields.Boolean(required=True)
+    model_loaded = fields.Boolean(required=True)
+    workers = fields.Integer(allow_none=True)
+    queued_jobs = fields.Integer(allow_none=True)
+    version = fields.String(required=True)
+
+
+class IndexSchema(Schema):
+    service = fields.String(required=True)
+    version = fields.String(required=True)
+    docs = fields.String(required=True)
+    openapi = fields.String(required=True)

@@ -1,0 +1,39 @@
+"""Web settings: Flask config keys read from the environment (units in the comments)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from worker import contract
+
+DEFAULT_MAX_TOKENS = 256
+"""Tokens generated when a request does not say `max_tokens`."""
+MAX_NEW_TOKENS = 1024
+"""Upper bound for `max_tokens`."""
+MAX_PROMPT_CHARS = 32_000
+"""Longest `prompt`, or sum of `messages` contents, in characters."""
+MAX_BODY_BYTES = 1_048_576
+"""Largest request body; larger ones get 413."""
+HEALTH_TIMEOUT = 1.0
+"""Seconds the health check waits for Redis and for the engine."""
+
+
+def config_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """Build the app's config from environment variables, with the defaults in .env.sample."""
+    return {
+        "API_KEYS": [key.strip() for key in env.get("API_KEYS", "").split(",") if key.strip()],
+        "REDIS_URL": contract.redis_url(env),
+        "ENGINE_URL": env.get("ENGINE_URL") or contract.DEFAULT_ENGINE_URL,
+        "ENGINE_HEALTH_PATH": env.get("ENGINE_HEALTH_PATH", "/health"),
+        "DEFAULT_MAX_TOKENS": int(env.get("DEFAULT_MAX_TOKENS", DEFAULT_MAX_TOKENS)),
+        "MAX_NEW_TOKENS": int(env.get("MAX_NEW_TOKENS", MAX_NEW_TOKENS)),
+        "MAX_PROMPT_CHARS": int(env.get("MAX_PROMPT_CHARS", MAX_PROMPT_CHARS)),
+        "MAX_CONTENT_LENGTH": int(env.get("MAX_BODY_BYTES", MAX_BODY_BYTES)),
+        "TASK_TIME_LIMIT": int(env.get("TASK_TIME_LIMIT", contract.DEFAULT_TASK_TIME_LIMIT)),
+        "RESULT_TTL": int(env.get("RESULT_TTL", contract.DEFAULT_RESULT_TTL)),
+        "HEALTH_TIMEOUT": float(env.get("HEALTH_TIMEOUT", HEALTH_TIMEOUT)),
+        "LOG_DIR": env.get("LOG_DIR") or contract.DEFAULT_LOG_DIR,
+        "LOG_LEVEL": env.get("LOG_LEVEL", "INFO").upper(),
+    }

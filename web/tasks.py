@@ -1,0 +1,94 @@
+"""Submitting jobs to RQ and describing them to their owners; the routes stay thin."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from flask import current_app
+from redis import Redis
+from rq import Callback, Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+
+from web.errors import TaskNotFound
+from worker import contract
+
+_TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_MESSAGES = {
+    contract.STATUS_QUEUED: "Task is queued",
+    contract.STATUS_PROCESSING: "Task is being processed",
+    contract.STATUS_COMPLETED: "Task completed",
+    contract.STATUS_ERROR: "Task failed",
+    contract.STATUS_CANCELLED: "Task was cancelled",
+}
+
+
+def redis_connection() -> Redis:
+    return current_app.extensions["redis"]
+
+
+def submit(payload: dict[str, Any], owner: str) -> str:
+    """Enqueue a generation job owned by `owner` and return its task id."""
+    config = current_app.config
+    queue = Queue(contract.QUEUE_NORMAL, connection=redis_connection(), serializer=contract.SERIALIZER)
+    job = queue.enqueue(
+        contract.TASK_PATH,
+        payload,
+        job_id=str(uuid.uuid4()),
+        job_timeout=config["TASK_TIME_LIMIT"],
+        result_ttl=config["RESULT_TTL"],
+        failure_ttl=config["RESULT_TTL"],
+        meta={contract.META_OWNER: owner},
+        on_success=Callback(contract.ON_SUCCESS_PATH),
+        on_failure=Callback(contract.ON_FAILURE_PATH),
+        description=f"generate max_tokens={payload['max_tokens']}",
+    )
+    return job.id
+
+
+def find(task_id: str, owner: str) -> Job:
+    """Fetch the caller's job; unknown ids and other keys' jobs both raise TaskNotFound."""
+    if not _TASK_ID.match(task_id):
+        raise TaskNotFound(f"no task {task_id}")
+    try:
+        job = Job.fetch(task_id, connection=redis_connection(), serializer=contract.SERIALIZER)
+    except NoSuchJobError:
+        raise TaskNotFound(f"no task {task_id}") from None
+    if job.meta.get(contract.META_OWNER) != owner:
+        raise TaskNotFound(f"no task {task_id}")
+    return job
+
+
+def status_of(job: Job) -> dict[str, Any]:
+    """Describe where the job is in its lifecycle."""
+    status = contract.public_status(job.get_status(refresh=False))
+    return {"status": status, "task_id": job.id, "message": _MESSAGES[status]}
+
+
+def result_of(job: Job) -> dict[str, Any]:
+    """Describe the job's outcome: result and metrics, error, or its status while unfinished."""
+    described = status_of(job)
+    status = described["status"]
+    if status == contract.STATUS_COMPLETED:
+        result = job.return_value() or {}
+        described["result"] = result.get(contract.RESULT_TEXT, "")
+        described["finish_reason"] = result.get(contract.RESULT_FINISH_REASON)
+        described["metrics"] = contract.job_metrics(job.enqueued_at, job.started_at, job.ended_at, result)
+    elif status == contract.STATUS_ERROR:
+        described.update(_error_of(job))
+    return described
+
+
+def _error_of(job: Job) -> dict[str, str]:
+    """Return the failure's type and message as the worker recorded them, or RQ's own record."""
+    error_type = job.meta.get(contract.META_ERROR_TYPE)
+    message = job.meta.get(contract.META_ERROR_MESSAGE)
+    if error_type is None:
+        # The failure callback never ran: the job was stopped, or its worker died mid-job.
+        latest = job.latest_result()
+        error_type = contract.ERROR_STOPPED if job.get_status(refresh=False) == "stopped" else contract.ERROR_INTERNAL
+        message = (latest.exc_string or "").strip().splitlines()[-1:] if latest else []
+        message = message[0] if message else "the job ended without a result"
+    return {"error_type": error_type, "error_message": message}

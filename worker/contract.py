@@ -1,0 +1,197 @@
+"""The job contract shared by web and worker: queues, task path, payload and meta keys, statuses.
+
+A leaf module: it imports nothing from the project, so the web app can import it without
+pulling in the worker's engine client. Web enqueues `TASK_PATH` by its dotted name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from rq.serializers import JSONSerializer
+
+# --- Defaults shared by every process (units in the docstrings) -------------------------
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_ENGINE_URL = "http://127.0.0.1:8001"
+DEFAULT_SERVED_MODEL_NAME = "local-llm"
+"""The name the engine serves the model under; the worker sends it as `model`."""
+DEFAULT_TASK_TIME_LIMIT = 120
+"""Seconds a job may run before it ends as `error` with type `timeout`."""
+DEFAULT_RESULT_TTL = 3600
+"""Seconds a finished job (result or error) is kept for clients to fetch."""
+DEFAULT_LOG_DIR = "logs"
+
+# --- Queues and task --------------------------------------------------------------------
+
+QUEUE_HIGH = "llm-high"
+QUEUE_NORMAL = "llm-normal"
+QUEUE_LOW = "llm-low"
+QUEUES = (QUEUE_HIGH, QUEUE_NORMAL, QUEUE_LOW)
+"""Queue names in the order workers take from them."""
+
+TASK_PATH = "worker.jobs.generate"
+ON_SUCCESS_PATH = "worker.jobs.on_success"
+ON_FAILURE_PATH = "worker.jobs.on_failure"
+SERIALIZER = JSONSerializer
+"""Job payloads, results and meta are JSON in Redis: readable by redis-cli and rq-dashboard --json."""
+
+# --- Payload (the single argument of the task) -------------------------------------------
+
+PAYLOAD_KEYS = ("prompt", "messages", "max_tokens", "temperature", "top_p", "user_id", "stop", "seed")
+"""Keys of the payload dict; `prompt` xor `messages` is set, the rest are sampling options."""
+
+# --- Result (the task's return value) ----------------------------------------------------
+
+RESULT_TEXT = "text"
+RESULT_FINISH_REASON = "finish_reason"
+RESULT_PROMPT_TOKENS = "prompt_tokens"
+RESULT_COMPLETION_TOKENS = "completion_tokens"
+RESULT_TTFT = "time_to_first_token"
+"""Seconds from sending the request to the engine until the first generated text arrived."""
+
+# --- Meta (what RQ does not record itself) -----------------------------------------------
+
+META_OWNER = "owner"
+"""Fingerprint of the API key that submitted the job (never the key itself)."""
+META_ERROR_TYPE = "error_type"
+META_ERROR_MESSAGE = "error_message"
+
+# --- Error types reported to clients ----------------------------------------------------
+
+ERROR_ENGINE_UNAVAILABLE = "engine_unavailable"
+ERROR_ENGINE_ERROR = "engine_error"
+ERROR_ENGINE_REJECTED = "engine_rejected"
+ERROR_TIMEOUT = "timeout"
+ERROR_INTERNAL = "internal_error"
+ERROR_STOPPED = "stopped"
+
+# --- Statuses as clients see them -------------------------------------------------------
+
+STATUS_QUEUED = "queued"
+STATUS_PROCESSING = "processing"
+STATUS_COMPLETED = "completed"
+STATUS_ERROR = "error"
+STATUS_CANCELLED = "cancelled"
+
+_RQ_TO_PUBLIC = {
+    "created": STATUS_QUEUED,
+    "queued": STATUS_QUEUED,
+    "deferred": STATUS_QUEUED,
+    "scheduled": STATUS_QUEUED,
+    "rate_limited": STATUS_QUEUED,
+    "ready_to_enqueue": STATUS_QUEUED,
+    "started": STATUS_PROCESSING,
+    "finished": STATUS_COMPLETED,
+    "failed": STATUS_ERROR,
+    "stopped": STATUS_ERROR,
+    "canceled": STATUS_CANCELLED,
+}
+
+
+def public_status(rq_status: str) -> str:
+    """Map an RQ job status to the status the API reports."""
+    # JobStatus is a str Enum: look it up by value, since str() of it is "JobStatus.X".
+    return _RQ_TO_PUBLIC.get(getattr(rq_status, "value", rq_status), STATUS_QUEUED)
+
+
+def redis_url(env: Mapping[str, str] = os.environ) -> str:
+    """Return `REDIS_URL`, or one built from `REDIS_HOST`/`REDIS_PORT`/`REDIS_DB` if that is unset."""
+    if env.get("REDIS_URL"):
+        return env["REDIS_URL"]
+    if env.get("REDIS_HOST") or env.get("REDIS_PORT"):
+        host = env.get("REDIS_HOST", "127.0.0.1")
+        return f"redis://{host}:{env.get('REDIS_PORT', '6379')}/{env.get('REDIS_DB', '0')}"
+    return DEFAULT_REDIS_URL
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return max((end - start).total_seconds(), 0.0)
+
+
+def job_metrics(
+    enqueued_at: datetime | None,
+    started_at: datetime | None,
+    ended_at: datetime | None,
+    result: Mapping[str, Any] | None,
+) -> dict[str, float | int | None]:
+    """Compute a job's metrics from RQ's own timestamps and the task's result.
+
+    Returns:
+        queue_wait_time, processing_time, total_time (seconds), prompt_tokens, completion_tokens,
+        tokens_per_second and time_to_first_token (seconds); None where not known.
+    """
+    result = result or {}
+    processing = _seconds(started_at, ended_at)
+    completion_tokens = result.get(RESULT_COMPLETION_TOKENS)
+    tokens_per_second = None
+    if completion_tokens is not None and processing:
+        tokens_per_second = round(completion_tokens / processing, 2)
+    return {
+        "queue_wait_time": _round(_seconds(enqueued_at, started_at)),
+        "processing_time": _round(processing),
+        "total_time": _round(_seconds(enqueued_at, ended_at)),
+        "prompt_tokens": result.get(RESULT_PROMPT_TOKENS),
+        "completion_tokens": completion_tokens,
+        "tokens_per_second": tokens_per_second,
+        "time_to_first_token": _round(result.get(RESULT_TTFT)),
+    }
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 4)
+
+
+# --- Logging: the same files for every process ------------------------------------------
+
+REQUEST_LOG = "llm_requests.log"
+"""One line per finished job, `[ts] task_id=... status=...`; written by the worker."""
+LOG_ROTATION = "50 MB"
+LOG_RETENTION = "14 days"
+
+
+class _InterceptHandler(logging.Handler):
+    """Route stdlib logging (rq, gunicorn, werkzeug) into loguru."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(exception=record.exc_info, depth=6).log(level, record.getMessage())
+
+
+def configure_logging(log_dir: str | Path, level: str = "INFO") -> None:
+    """Send logs to stderr, `app.log` (level and up), `errors.log` (with tracebacks) and the request log.
+
+    Call once per process tree before forking: `enqueue=True` makes forked children's writes
+    go through the parent, so several processes share the files and their rotation safely.
+    """
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logger.remove()
+    logger.configure(extra={"request_log": False})
+    common = {"rotation": LOG_ROTATION, "retention": LOG_RETENTION, "enqueue": True}
+
+    def not_request(record: Any) -> bool:
+        return not record["extra"]["request_log"]
+
+    logger.add(sys.stderr, level=level, filter=not_request, enqueue=True)
+    logger.add(log_dir / "app.log", level=level, filter=not_request, **common)
+    logger.add(log_dir / "errors.log", level="ERROR", backtrace=True, diagnose=False, **common)
+    logger.add(
+        log_dir / REQUEST_LOG,
+        format="[{time:YYYY-MM-DD HH:mm:ss.SSS}] {message}",
+        filter=lambda record: record["extra"]["request_log"],
+        **common,
+    )
+    logging.basicConfig(handlers=[_InterceptHandler()], level=0, force=True)

@@ -1,0 +1,149 @@
+"""HTTP client for an OpenAI-compatible engine (vLLM), streaming every request."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from worker.exceptions import (
+    EngineProtocolError,
+    EngineRejected,
+    EngineServerError,
+    EngineTimeout,
+    EngineUnavailable,
+)
+
+COMPLETIONS_PATH = "/v1/completions"
+CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
+_OPTIONAL_FIELDS = ("stop", "seed")
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    time_to_first_token: float | None  # seconds
+
+
+def build_request(payload: Mapping[str, Any], model: str) -> tuple[str, dict[str, Any]]:
+    """Turn a job payload into the engine path and JSON body (chat if it has `messages`)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": payload["max_tokens"],
+        "temperature": payload["temperature"],
+        "top_p": payload["top_p"],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    body.update({key: payload[key] for key in _OPTIONAL_FIELDS if payload.get(key) is not None})
+    if payload.get("user_id"):
+        body["user"] = payload["user_id"]
+    if payload.get("messages"):
+        return CHAT_COMPLETIONS_PATH, {**body, "messages": payload["messages"]}
+    return COMPLETIONS_PATH, {**body, "prompt": payload["prompt"]}
+
+
+class EngineClient:
+    """One keep-alive connection pool to the engine, reused by every job of a worker process."""
+
+    def __init__(self, base_url: str, model: str, connect_timeout: float, read_timeout: float):
+        self.model = model
+        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        self._http = httpx.Client(base_url=base_url, timeout=timeout)
+
+    def generate(self, payload: Mapping[str, Any]) -> Completion:
+        """Send one generation request and read its stream to the end.
+
+        Raises:
+            EngineUnavailable, EngineServerError, EngineRejected, EngineTimeout, EngineProtocolError.
+        """
+        path, body = build_request(payload, self.model)
+        sent_at = time.monotonic()
+        try:
+            with self._http.stream("POST", path, json=body) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _status_error(response)
+                return _read_stream(_events(response), sent_at)
+        except httpx.ConnectTimeout as exc:
+            raise EngineUnavailable(f"could not connect to the engine: {exc}") from exc
+        except httpx.TimeoutException as exc:
+            raise EngineTimeout(f"the engine sent nothing for {self._http.timeout.read} s") from exc
+        except httpx.TransportError as exc:
+            raise EngineUnavailable(f"engine connection failed: {exc!r}") from exc
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _status_error(response: httpx.Response) -> Exception:
+    """Build the exception for an engine error status, keeping the engine's own message."""
+    message = _error_message(response)
+    if response.status_code >= 500:
+        return EngineServerError(f"engine answered {response.status_code}: {message}")
+    return EngineRejected(message)
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    error = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error)
+
+
+def _events(response: httpx.Response) -> Iterator[dict[str, Any]]:
+    """Yield the JSON payloads of a server-sent-events stream until `[DONE]`."""
+    for line in response.iter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[len("data:"):].strip()
+        if data == "[DONE]":
+            return
+        try:
+            yield json.loads(data)
+        except ValueError as exc:
+            raise EngineProtocolError(f"engine sent a line that is not JSON: {data[:200]!r}") from exc
+    raise EngineUnavailable("engine closed the stream before it finished")
+
+
+def _read_stream(events: Iterator[dict[str, Any]], sent_at: float) -> Completion:
+    """Collect text, finish reason, usage and time to first token from the stream's chunks."""
+    parts: list[str] = []
+    first_token_at = finish_reason = usage = None
+    for chunk in events:
+        if "error" in chunk:
+            raise EngineServerError(f"engine failed mid-stream: {_chunk_error(chunk)}")
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices") or []:
+            piece = choice.get("text")
+            if piece is None:
+                piece = (choice.get("delta") or {}).get("content")
+            if piece:
+                if first_token_at is None:
+                    first_token_at = time.monotonic()
+                parts.append(piece)
+            finish_reason = choice.get("finish_reason") or finish_reason
+    usage = usage or {}
+    return Completion(
+        text="".join(parts),
+        finish_reason=finish_reason,
+        prompt_tokens=usage.get("prompt_tokens"),
+        completion_tokens=usage.get("completion_tokens"),
+        time_to_first_token=None if first_token_at is None else first_token_at - sent_at,
+    )
+
+
+def _chunk_error(chunk: dict[str, Any]) -> str:
+    error = chunk["error"]
+    return str(error.get("message", error)) if isinstance(error, dict) else str(error)

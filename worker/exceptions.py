@@ -1,0 +1,21 @@
+"""Failures of a generation job, one class per cause."""
+
+
+class EngineUnavailable(Exception):
+    """The engine could not be reached, or dropped the connection mid-stream."""
+
+
+class EngineServerError(Exception):
+    """The engine answered with a 5xx status."""
+
+
+class EngineRejected(Exception):
+    """The engine refused the request with a 4xx status (e.g. prompt longer than the context)."""
+
+
+class EngineTimeout(Exception):
+    """The engine sent nothing for longer than the read timeout."""
+
+
+class EngineProtocolError(Exception):
+    """The engine's answer could not be parsed as an OpenAI-compatible stream."""
