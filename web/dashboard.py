@@ -1,0 +1,71 @@
+"""`python -m web.dashboard`: rq-dashboard under gunicorn, behind HTTP Basic credentials.
+
+It refuses to start without RQ_DASHBOARD_USERNAME and RQ_DASHBOARD_PASSWORD unless bound to
+loopback, since the dashboard can delete and requeue jobs.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import sys
+from collections.abc import Mapping
+
+from flask import Flask, Response, request
+from rq_dashboard.cli import make_flask_app
+from rq_dashboard.web import config as dashboard_config
+from rq_dashboard.web import setup_rq_connection
+
+from worker import contract
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def create_dashboard(env: Mapping[str, str] = os.environ) -> Flask:
+    """Build the rq-dashboard app for the service's Redis and job serializer."""
+    app = make_flask_app(None, None, None, "")
+    app.config["RQ_DASHBOARD_REDIS_URL"] = contract.redis_url(env)
+    dashboard_config.serializer = contract.SERIALIZER
+    setup_rq_connection(app)
+    username, password = env.get("RQ_DASHBOARD_USERNAME", ""), env.get("RQ_DASHBOARD_PASSWORD", "")
+    if username and password:
+        app.before_request(lambda: _check_credentials(username, password))
+    return app
+
+
+def _check_credentials(username: str, password: str) -> Response | None:
+    auth = request.authorization
+    given_user = (auth.username or "") if auth else ""
+    given_password = (auth.password or "") if auth else ""
+    ok = hmac.compare_digest(given_user.encode(), username.encode())
+    ok &= hmac.compare_digest(given_password.encode(), password.encode())
+    if auth is None or not ok:
+        return Response("credentials required", 401, {"WWW-Authenticate": 'Basic realm="rq-dashboard"'})
+    return None
+
+
+def refusal(env: Mapping[str, str]) -> str | None:
+    """Return why the dashboard must not start with these settings, or None."""
+    host = env.get("RQ_DASHBOARD_HOST", "127.0.0.1")
+    has_credentials = bool(env.get("RQ_DASHBOARD_USERNAME") and env.get("RQ_DASHBOARD_PASSWORD"))
+    if not has_credentials and host not in LOOPBACK:
+        return (
+            f"refusing to serve rq-dashboard on {host} without credentials: "
+            "set RQ_DASHBOARD_USERNAME and RQ_DASHBOARD_PASSWORD, or bind RQ_DASHBOARD_HOST to 127.0.0.1"
+        )
+    return None
+
+
+def main() -> None:
+    """Check the settings, then replace this process with gunicorn serving the dashboard."""
+    reason = refusal(os.environ)
+    if reason:
+        print(reason, file=sys.stderr)
+        sys.exit(2)
+    bind = f"{os.environ.get('RQ_DASHBOARD_HOST', '127.0.0.1')}:{os.environ.get('RQ_DASHBOARD_PORT', '9181')}"
+    gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+    os.execv(gunicorn, [gunicorn, "--workers", "1", "--bind", bind, "web.dashboard:create_dashboard()"])
+
+
+if __name__ == "__main__":
+    main()
