@@ -1,0 +1,110 @@
+"""The real path: HTTP -> gunicorn/Flask -> Redis -> RQ worker process -> vLLM (CPU) -> result."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from redis import Redis
+from rq.job import Job
+
+from tests.e2e.conftest import E2E_WORKERS, Service
+from worker import contract
+
+pytestmark = pytest.mark.e2e
+QUESTION = "What is the capital of France?"
+
+
+def submit(service: Service, body: dict) -> str:
+    response = httpx.post(f"{service.url}/generate", json=body, headers=service.headers, timeout=5)
+    assert response.status_code == 202, response.text
+    return response.json()["task_id"]
+
+
+def wait_result(service: Service, task_id: str, timeout: float = 180) -> dict:
+    """Poll /result as a client would, until the task is finished."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{service.url}/result/{task_id}", headers=service.headers, timeout=5)
+        if response.status_code == 200:
+            return response.json()
+        assert response.status_code == 202, response.text
+        time.sleep(0.2)
+    pytest.fail(f"task {task_id} not finished after {timeout} s")
+
+
+def assert_consistent(metrics: dict) -> None:
+    assert metrics["total_time"] == pytest.approx(metrics["queue_wait_time"] + metrics["processing_time"], abs=2e-4)
+    assert metrics["tokens_per_second"] == pytest.approx(
+        metrics["completion_tokens"] / metrics["processing_time"], rel=0.01
+    )
+    assert 0 < metrics["time_to_first_token"] <= metrics["processing_time"]
+    assert metrics["prompt_tokens"] > 0
+    assert metrics["completion_tokens"] > 0
+
+
+def test_chat_question_is_answered_by_the_real_model(service):
+    task_id = submit(service, {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 40, "temperature": 0})
+    body = wait_result(service, task_id)
+    assert body["status"] == "completed", body
+    assert "Paris" in body["result"]
+    assert_consistent(body["metrics"])
+    status = httpx.get(f"{service.url}/status/{task_id}", headers=service.headers).json()
+    assert status["status"] == "completed"
+
+    log = (service.log_dir / contract.REQUEST_LOG).read_text()
+    assert f"task_id={task_id} status=success" in log
+
+
+def test_prompt_is_completed_by_the_real_model(service):
+    task_id = submit(service, {"prompt": f"Q: {QUESTION}\nA:", "max_tokens": 20, "temperature": 0, "stop": ["\n"]})
+    body = wait_result(service, task_id)
+    assert body["status"] == "completed", body
+    assert "Paris" in body["result"]
+    assert "\n" not in body["result"]
+    assert_consistent(body["metrics"])
+
+
+def test_concurrent_jobs_are_in_flight_together(service):
+    ids = [submit(service, {"prompt": f"Count to {n}:", "max_tokens": 32, "temperature": 0}) for n in range(8)]
+    bodies = [wait_result(service, task_id) for task_id in ids]
+    assert [body["status"] for body in bodies] == ["completed"] * 8
+    connection = Redis.from_url(service.redis_url)
+    jobs = [Job.fetch(task_id, connection=connection, serializer=contract.SERIALIZER) for task_id in ids]
+    # With one job at a time no two processing intervals would overlap.
+    overlapping = max(
+        sum(1 for other in jobs if other.started_at < job.ended_at and job.started_at < other.ended_at)
+        for job in jobs
+    )
+    assert overlapping >= 2
+
+
+def test_prompt_longer_than_context_is_engine_error_with_its_message(service):
+    task_id = submit(service, {"prompt": "word " * 3000, "max_tokens": 16})
+    body = wait_result(service, task_id)
+    assert body["status"] == "error", body
+    assert body["error_type"] == "engine_rejected"
+    assert "context" in body["error_message"].lower() or "2048" in body["error_message"]
+    log = (service.log_dir / contract.REQUEST_LOG).read_text()
+    assert f"task_id={task_id} status=error error_type=engine_rejected" in log
+
+
+def test_health_and_rq_info_show_the_running_service(service):
+    health = httpx.get(f"{service.url}/health", timeout=5)
+    assert health.status_code == 200
+    assert health.json() | {"version": None} == {
+        "status": "healthy",
+        "redis_connected": True,
+        "model_loaded": True,
+        "workers": E2E_WORKERS,
+        "queued_jobs": 0,
+        "version": None,
+    }
+    rq = Path(sys.executable).parent / "rq"
+    out = subprocess.run([str(rq), "info", "--url", service.redis_url], capture_output=True, text=True, check=True)
+    assert "llm-normal" in out.stdout
+    assert f"{E2E_WORKERS} workers" in out.stdout

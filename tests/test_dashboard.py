@@ -1,0 +1,39 @@
+"""rq-dashboard: served only behind credentials, unless bound to loopback."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from web.dashboard import create_dashboard, refusal
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.mark.parametrize(
+    ("env", "refused"),
+    [
+        ({"RQ_DASHBOARD_HOST": "0.0.0.0"}, True),
+        ({"RQ_DASHBOARD_HOST": "0.0.0.0", "RQ_DASHBOARD_USERNAME": "admin"}, True),
+        ({"RQ_DASHBOARD_HOST": "0.0.0.0", "RQ_DASHBOARD_USERNAME": "a", "RQ_DASHBOARD_PASSWORD": "p"}, False),
+        ({"RQ_DASHBOARD_HOST": "127.0.0.1"}, False),
+        ({}, False),
+    ],
+)
+def test_refuses_public_bind_without_credentials(env, refused):
+    assert (refusal(env) is not None) is refused
+
+
+def test_dashboard_page_needs_credentials(redis_url, redis_conn):
+    app = create_dashboard({"REDIS_URL": redis_url, "RQ_DASHBOARD_USERNAME": "admin", "RQ_DASHBOARD_PASSWORD": "s3cret"})
+    client = app.test_client()
+    assert client.get("/").status_code == 401
+    assert client.get("/", headers=basic("admin", "wrong")).status_code == 401
+    page = client.get("/", headers=basic("admin", "s3cret"))
+    assert page.status_code == 200
+    assert b"RQ" in page.data
+    queues = client.get("/0/data/queues.json", headers=basic("admin", "s3cret"))
+    assert queues.status_code == 200
