@@ -11,7 +11,9 @@ from inference_server.settings import CPU_MODEL_DIR, GPU_MODEL, EngineSettings
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
-def build_command(settings: EngineSettings, model: str, base_env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+def build_command(
+    settings: EngineSettings, model: str, base_env: Mapping[str, str]
+) -> tuple[list[str], dict[str, str]]:
     """Return the argv and environment that start vLLM serving `model` for `settings.profile`."""
     argv = [
         sys.executable, "-m", SERVER_MODULE,

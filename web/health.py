@@ -7,10 +7,10 @@ from importlib.metadata import PackageNotFoundError, version
 import httpx
 import redis.exceptions
 from flask import current_app
-from web.api import Blueprint
 from rq import Queue, Worker
 
 from web import tasks
+from web.api import Blueprint
 from web.schemas import HealthSchema, IndexSchema
 from worker import contract
 

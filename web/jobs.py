@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from flask import g
-from web.api import Blueprint
 
 from web import tasks
+from web.api import Blueprint
 from web.auth import require_api_key
 from web.schemas import ErrorSchema, GenerateRequestSchema, TaskAcceptedSchema, TaskResultSchema, TaskStatusSchema
 

@@ -45,8 +45,12 @@ class GenerateRequestSchema(Schema):
     temperature = StrictFloat(load_default=0.7, validate=validate.Range(0.0, 2.0))
     top_p = StrictFloat(load_default=1.0, validate=validate.Range(0.0, 1.0, min_inclusive=False))
     user_id = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=256))
-    stop = fields.List(fields.String(validate=validate.Length(min=1)), load_default=None, allow_none=True,
-                       validate=validate.Length(max=8))
+    stop = fields.List(
+        fields.String(validate=validate.Length(min=1)),
+        load_default=None,
+        allow_none=True,
+        validate=validate.Length(max=8),
+    )
     seed = fields.Integer(strict=True, load_default=None, allow_none=True)
 
     @validates_schema
@@ -113,8 +117,11 @@ class ErrorSchema(Schema):
     error_type = fields.String(required=True)
     error_message = fields.String(required=True)
     detail = fields.String(metadata={"description": "Same as error_message, for clients of the previous API."})
-    errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()),
-                         metadata={"description": "Messages per invalid field."})
+    errors = fields.Dict(
+        keys=fields.String(),
+        values=fields.List(fields.String()),
+        metadata={"description": "Messages per invalid field."},
+    )
 
 
 class HealthSchema(Schema):
