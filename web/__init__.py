@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask
+from flask_swagger_ui import get_swaggerui_blueprint
 from redis import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -27,8 +28,6 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         OPENAPI_VERSION="3.0.3",
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
-        OPENAPI_SWAGGER_UI_PATH="/docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
         API_SPEC_OPTIONS={
             "components": {"securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}},
             "security": [{"ApiKey": []}],
@@ -49,5 +48,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     api = Api(app)
     api.register_blueprint(health.bp)
     api.register_blueprint(jobs.bp)
+    # Swagger UI with its assets served from the installed package: no CDN needed.
+    app.register_blueprint(get_swaggerui_blueprint("/docs", "/openapi.json", config={"app_name": "LLM queue"}))
     errors.register_error_handlers(app)
     return app
