@@ -44,7 +44,7 @@ redis-server:
 	    echo "missing: redis-server. Install it (Debian/Ubuntu: sudo apt-get install redis-server) and rerun."; exit 1; \
 	  fi; }
 
-$(MODEL_STAMP): $(DEPS_STAMP)
+$(MODEL_STAMP): | $(DEPS_STAMP)
 	$(PY) -m inference_server prepare
 
 .env: | .env.sample
