@@ -70,7 +70,7 @@ def _convert(source: Path, out: Path) -> None:
     # vLLM would take the GGUF quantization_config as a request to load GGUF weights.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.torch_dtype = torch.bfloat16
+    config.dtype = torch.bfloat16
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.load_state_dict(loaded.state_dict())
     model.save_pretrained(out, safe_serialization=True)
