@@ -17,11 +17,11 @@ import pytest
 from loguru import logger
 from redis import Redis
 from rq import Queue
-from rq.worker import SimpleWorker
 
 from tests.stand_in_engine import StandInEngine
 from web import create_app
 from worker import contract
+from worker.runner import EngineWorker
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key-alice"
@@ -125,20 +125,27 @@ def log_dir(tmp_path) -> Iterator[Path]:
 @pytest.fixture
 def worker_env(monkeypatch, redis_url, stand_in, log_dir) -> Path:
     """Point the in-process worker at the stand-in engine; yields the log folder."""
-    from worker import jobs
-
     monkeypatch.setenv("ENGINE_URL", stand_in.url)
     monkeypatch.setenv("SERVED_MODEL_NAME", SERVED_MODEL)
     monkeypatch.setenv("ENGINE_CONNECT_TIMEOUT", "1")
-    jobs.engine_client.cache_clear()
+    monkeypatch.setenv("ENGINE_RETRY_BACKOFF", "0")  # retried jobs go straight back to the queue
+    reset_worker_caches()
     yield log_dir
+    reset_worker_caches()
+
+
+def reset_worker_caches() -> None:
+    """Make the in-process worker read its settings from the environment again."""
+    from worker import jobs
+
+    jobs.worker_settings.cache_clear()
     jobs.engine_client.cache_clear()
 
 
 def run_worker(connection: Redis) -> None:
-    """Work every queued job in this process, as a real SimpleWorker does, then return."""
+    """Work every queued job (retries included) in this process with the service's worker class, then return."""
     queues = [Queue(name, connection=connection, serializer=contract.SERIALIZER) for name in contract.QUEUES]
-    SimpleWorker(queues, connection=connection, serializer=contract.SERIALIZER).work(burst=True)
+    EngineWorker(queues, connection=connection, serializer=contract.SERIALIZER).work(burst=True)
 
 
 def queued_count(connection: Redis) -> int:

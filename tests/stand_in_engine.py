@@ -5,6 +5,7 @@ reply, and injects faults chosen by the prompt text:
   "stand-in:status=NNN"  answer with HTTP status NNN and an OpenAI-style error body
   "stand-in:sleep=S"     wait S seconds before the first token
   "stand-in:drop"        send one chunk, then close the connection without finishing
+  "stand-in:fail-first=N"  answer 503 to the first N requests with this text, then stream normally
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class StandInEngine:
 
     def __init__(self, port: int):
         self.requests: list[dict[str, Any]] = []
+        self.healthy = True
         self.server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{port}"
@@ -53,12 +55,19 @@ def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
             pass
 
         def do_GET(self) -> None:
-            self._json(200 if self.path == "/health" else 404, {})
+            if self.path == "/health":
+                self._json(200 if engine.healthy else 503, {})
+            else:
+                self._json(404, {})
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             engine.requests.append(body)
             text = _text_of(body)
+            seen = sum(1 for earlier in engine.requests if _text_of(earlier) == text)
+            if (match := re.search(r"stand-in:fail-first=(\d+)", text)) and seen <= int(match.group(1)):
+                self._json(503, {"error": {"message": "stand-in engine overloaded", "code": 503}})
+                return
             if match := re.search(r"stand-in:status=(\d+)", text):
                 status = int(match.group(1))
                 message = CONTEXT_ERROR if status == 400 else "stand-in engine failure"

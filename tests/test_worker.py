@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import time
+import uuid
 
 import pytest
 from loguru import logger
 
-from tests.conftest import KEY, SERVED_MODEL, free_port, run_worker
+from tests.conftest import KEY, SERVED_MODEL, run_worker
 from tests.stand_in_engine import CONTEXT_ERROR
 from web import create_app
 from worker import jobs
@@ -80,37 +82,98 @@ def assert_failed(body: dict, error_type: str) -> None:
     assert "result" not in body
 
 
-def test_engine_4xx_is_error_with_engine_message(client, redis_conn, worker_env):
-    task_id = submit(client, prompt="stand-in:status=400")
+def requests_with(stand_in, text: str) -> int:
+    return sum(1 for body in stand_in.requests if body.get("prompt") == text)
+
+
+def test_engine_4xx_is_error_with_engine_message_and_not_retried(client, redis_conn, worker_env, stand_in):
+    prompt = f"stand-in:status=400 {uuid.uuid4()}"
+    task_id = submit(client, prompt=prompt)
     body = finish(client, redis_conn, task_id)
     assert_failed(body, "engine_rejected")
     assert body["error_message"] == CONTEXT_ERROR
-    line = request_log_lines(worker_env)[-1]
-    assert f"task_id={task_id} status=error error_type=engine_rejected" in line
+    assert requests_with(stand_in, prompt) == 1
+    lines = request_log_lines(worker_env)
+    assert len(lines) == 1
+    assert f"task_id={task_id} status=error error_type=engine_rejected" in lines[0]
 
 
-def test_engine_5xx_is_error(client, redis_conn, worker_env):
-    body = finish(client, redis_conn, submit(client, prompt="stand-in:status=503"))
-    assert_failed(body, "engine_error")
-    assert "503" in body["error_message"]
+@pytest.mark.parametrize(("fault", "error_type"), [("status=503", "engine_error"), ("drop", "engine_unavailable")])
+def test_engine_failure_is_retried_then_error_with_last_cause(
+    client, redis_conn, worker_env, stand_in, fault, error_type
+):
+    prompt = f"stand-in:{fault} {uuid.uuid4()}"
+    task_id = submit(client, prompt=prompt)
+    body = finish(client, redis_conn, task_id)
+    assert_failed(body, error_type)
+    assert (body["attempt"], body["max_attempts"]) == (4, 4)
+    assert requests_with(stand_in, prompt) == 4
+    lines = request_log_lines(worker_env)
+    assert len(lines) == 1, lines  # one line for the job, not one per attempt
+    assert f"status=error error_type={error_type}" in lines[0]
+    assert (worker_env / "app.log").read_text().count(f"job {task_id} attempt") == 3
 
 
-def test_stream_dropped_midway_is_error(client, redis_conn, worker_env):
-    body = finish(client, redis_conn, submit(client, prompt="stand-in:drop"))
-    assert_failed(body, "engine_unavailable")
+def test_engine_failure_then_recovery_completes_once(client, redis_conn, worker_env, stand_in):
+    prompt = f"stand-in:fail-first=2 {uuid.uuid4()}"
+    task_id = submit(client, prompt=prompt)
+    body = finish(client, redis_conn, task_id)
+    assert body["status"] == "completed", body
+    assert body["result"] == "Hello, world!"
+    assert (body["attempt"], body["max_attempts"]) == (3, 4)
+    assert requests_with(stand_in, prompt) == 3
+    lines = request_log_lines(worker_env)
+    assert len(lines) == 1
+    assert f"task_id={task_id} status=success" in lines[0]
 
 
-def test_engine_unreachable_is_error(client, redis_conn, worker_env, monkeypatch):
-    monkeypatch.setenv("ENGINE_URL", f"http://127.0.0.1:{free_port()}")
-    jobs.engine_client.cache_clear()
-    body = finish(client, redis_conn, submit(client, prompt="hello"))
-    assert_failed(body, "engine_unavailable")
-    assert (worker_env / "errors.log").read_text().count("Traceback") >= 1
+def test_retried_job_status_says_queued_again_and_which_attempt(client, redis_conn, worker_env, stand_in):
+    from rq.job import Job
+
+    from worker import contract, jobs
+
+    task_id = submit(client, prompt="hello")
+    job = Job.fetch(task_id, connection=redis_conn, serializer=contract.SERIALIZER)
+    job.meta[contract.META_ATTEMPT] = 1
+    job.save_meta()
+    jobs.on_failure(job, redis_conn, jobs.EngineServerError, jobs.EngineServerError("engine answered 502"), None)
+    assert job.retries_left == 3 and job.retry_intervals == [0]
+    status = client.get(f"/status/{task_id}", headers=AUTH).get_json()
+    assert status["status"] == "queued"
+    assert (status["attempt"], status["max_attempts"]) == (2, 4)
+    assert "attempt 1 failed (engine_error)" in status["message"]
 
 
-def test_job_over_time_limit_ends_as_timeout(app_config, redis_conn, worker_env):
+def test_backoff_doubles_per_attempt(worker_env, monkeypatch):
+    from tests.conftest import reset_worker_caches
+
+    monkeypatch.setenv("ENGINE_RETRY_BACKOFF", "2")
+    reset_worker_caches()
+    assert [jobs.retry_delay(attempt) for attempt in range(1, 7)] == [2, 4, 8, 16, 30, 30]
+
+
+def test_job_over_time_limit_ends_as_timeout_without_retry(app_config, redis_conn, worker_env, stand_in):
     client = create_app({**app_config, "TASK_TIME_LIMIT": 1}).test_client()
-    body = finish(client, redis_conn, submit(client, prompt="stand-in:sleep=3"))
+    prompt = f"stand-in:sleep=3 {uuid.uuid4()}"
+    body = finish(client, redis_conn, submit(client, prompt=prompt))
     assert_failed(body, "timeout")
     assert "1 s" in body["error_message"]
     assert body["message"] == "Task failed"
+    assert requests_with(stand_in, prompt) == 1
+    assert (worker_env / "errors.log").read_text().count("Traceback") == 1
+
+
+def test_job_waiting_past_queue_ttl_expires_without_calling_the_engine(
+    client, redis_conn, worker_env, stand_in, monkeypatch
+):
+    from tests.conftest import reset_worker_caches
+
+    monkeypatch.setenv("QUEUE_TTL", "1")
+    reset_worker_caches()
+    prompt = f"expires {uuid.uuid4()}"
+    task_id = submit(client, prompt=prompt)
+    time.sleep(1.2)
+    body = finish(client, redis_conn, task_id)
+    assert_failed(body, "expired")
+    assert "QUEUE_TTL" in body["error_message"]
+    assert requests_with(stand_in, prompt) == 0

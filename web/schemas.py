@@ -87,6 +87,8 @@ class TaskStatusSchema(Schema):
     status = fields.String(required=True, validate=validate.OneOf(STATUSES))
     task_id = fields.String(required=True)
     message = fields.String(required=True)
+    attempt = fields.Integer(metadata={"description": "Attempt the task is on; present once it has been retried."})
+    max_attempts = fields.Integer()
 
 
 class MetricsSchema(Schema):
@@ -99,12 +101,9 @@ class MetricsSchema(Schema):
     time_to_first_token = fields.Float(allow_none=True, metadata={"description": "seconds"})
 
 
-class TaskResultSchema(Schema):
+class TaskResultSchema(TaskStatusSchema):
     """A finished task: `completed` with result and metrics, or `error` with its type and message."""
 
-    status = fields.String(required=True, validate=validate.OneOf(STATUSES))
-    task_id = fields.String(required=True)
-    message = fields.String()
     result = fields.String()
     finish_reason = fields.String(allow_none=True)
     metrics = fields.Nested(MetricsSchema)

@@ -33,6 +33,7 @@ def config_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
         "MAX_CONTENT_LENGTH": int(env.get("MAX_BODY_BYTES", MAX_BODY_BYTES)),
         "TASK_TIME_LIMIT": int(env.get("TASK_TIME_LIMIT", contract.DEFAULT_TASK_TIME_LIMIT)),
         "RESULT_TTL": int(env.get("RESULT_TTL", contract.DEFAULT_RESULT_TTL)),
+        "JOB_RETRIES": int(env.get("JOB_RETRIES", contract.DEFAULT_JOB_RETRIES)),
         "HEALTH_TIMEOUT": float(env.get("HEALTH_TIMEOUT", HEALTH_TIMEOUT)),
         "LOG_DIR": env.get("LOG_DIR") or contract.DEFAULT_LOG_DIR,
         "LOG_LEVEL": env.get("LOG_LEVEL", "INFO").upper(),

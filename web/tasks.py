@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import current_app
 from redis import Redis
-from rq import Callback, Queue
+from rq import Callback, Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
@@ -40,7 +40,8 @@ def submit(payload: dict[str, Any], owner: str) -> str:
         job_timeout=config["TASK_TIME_LIMIT"],
         result_ttl=config["RESULT_TTL"],
         failure_ttl=config["RESULT_TTL"],
-        meta={contract.META_OWNER: owner},
+        meta={contract.META_OWNER: owner, contract.META_MAX_ATTEMPTS: config["JOB_RETRIES"] + 1},
+        retry=Retry(max=config["JOB_RETRIES"]) if config["JOB_RETRIES"] > 0 else None,
         on_success=Callback(contract.ON_SUCCESS_PATH),
         on_failure=Callback(contract.ON_FAILURE_PATH),
         description=f"generate max_tokens={payload['max_tokens']}",
@@ -62,9 +63,20 @@ def find(task_id: str, owner: str) -> Job:
 
 
 def status_of(job: Job) -> dict[str, Any]:
-    """Describe where the job is in its lifecycle."""
+    """Describe where the job is in its lifecycle, and which attempt it is on once retried."""
     status = contract.public_status(job.get_status(refresh=False))
-    return {"status": status, "task_id": job.id, "message": _MESSAGES[status]}
+    described = {"status": status, "task_id": job.id, "message": _MESSAGES[status]}
+    attempt = job.meta.get(contract.META_ATTEMPT, 0)
+    retry_reason = job.meta.get(contract.META_RETRY_REASON)
+    if retry_reason:
+        described["attempt"] = attempt + 1 if status == contract.STATUS_QUEUED else attempt
+        described["max_attempts"] = job.meta.get(contract.META_MAX_ATTEMPTS)
+        if status == contract.STATUS_QUEUED:
+            described["message"] = (
+                f"Task is queued again after attempt {attempt} failed ({retry_reason}); "
+                f"attempt {attempt + 1} of {described['max_attempts']} is next"
+            )
+    return described
 
 
 def result_of(job: Job) -> dict[str, Any]:

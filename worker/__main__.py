@@ -1,18 +1,19 @@
 """`python -m worker`: run a pool of RQ workers that forward jobs to the engine.
 
 Each worker process holds one request in flight, so WORKER_CONCURRENCY processes keep that many
-requests at the engine for vLLM to batch. SimpleWorker runs jobs in the worker process itself:
-the job only waits on HTTP, so forking a work horse per job would cost time and memory for nothing.
+requests at the engine for vLLM to batch. The workers are SimpleWorkers (see worker/runner.py): the
+job only waits on HTTP, so forking a work horse per job would cost time and memory for nothing.
+RQ's WorkerPool respawns a worker process that dies.
 """
 
 from __future__ import annotations
 
 from loguru import logger
 from redis import Redis
-from rq.worker import SimpleWorker
 from rq.worker_pool import WorkerPool
 
 from worker import contract
+from worker.runner import EngineWorker
 from worker.settings import WorkerSettings
 
 
@@ -30,7 +31,7 @@ def main() -> None:
         contract.QUEUES,
         connection=Redis.from_url(settings.redis_url),
         num_workers=settings.concurrency,
-        worker_class=SimpleWorker,
+        worker_class=EngineWorker,
         serializer=contract.SERIALIZER,
     )
     pool.start(logging_level=settings.log_level)

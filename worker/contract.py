@@ -28,6 +28,8 @@ DEFAULT_TASK_TIME_LIMIT = 120
 DEFAULT_RESULT_TTL = 3600
 """Seconds a finished job (result or error) is kept for clients to fetch."""
 DEFAULT_LOG_DIR = "logs"
+DEFAULT_JOB_RETRIES = 3
+"""Further attempts after a retryable failure (engine down or 5xx, worker died)."""
 
 # --- Queues and task --------------------------------------------------------------------
 
@@ -63,6 +65,12 @@ META_OWNER = "owner"
 """Fingerprint of the API key that submitted the job (never the key itself)."""
 META_ERROR_TYPE = "error_type"
 META_ERROR_MESSAGE = "error_message"
+"""Why the job failed, set once it will not be tried again."""
+META_ATTEMPT = "attempt"
+"""How many times a worker has started the job (1 on the first run)."""
+META_MAX_ATTEMPTS = "max_attempts"
+META_RETRY_REASON = "retry_reason"
+"""Error type of the failed attempt the job is queued again after."""
 
 # --- Error types reported to clients ----------------------------------------------------
 
@@ -72,6 +80,10 @@ ERROR_ENGINE_REJECTED = "engine_rejected"
 ERROR_TIMEOUT = "timeout"
 ERROR_INTERNAL = "internal_error"
 ERROR_STOPPED = "stopped"
+ERROR_EXPIRED = "expired"
+ERROR_WORKER_DIED = "worker_died"
+RETRYABLE_ERRORS = frozenset({ERROR_ENGINE_UNAVAILABLE, ERROR_ENGINE_ERROR, ERROR_WORKER_DIED})
+"""Failures worth another attempt; the engine refusing the request or a timeout are final."""
 
 # --- Statuses as clients see them -------------------------------------------------------
 
@@ -131,14 +143,15 @@ def job_metrics(
         tokens_per_second and time_to_first_token (seconds); None where not known.
     """
     result = result or {}
-    processing = _seconds(started_at, ended_at)
+    # Rates are computed from the rounded times, so the published figures agree with each other.
+    processing = _round(_seconds(started_at, ended_at))
     completion_tokens = result.get(RESULT_COMPLETION_TOKENS)
     tokens_per_second = None
     if completion_tokens is not None and processing:
         tokens_per_second = round(completion_tokens / processing, 2)
     return {
         "queue_wait_time": _round(_seconds(enqueued_at, started_at)),
-        "processing_time": _round(processing),
+        "processing_time": processing,
         "total_time": _round(_seconds(enqueued_at, ended_at)),
         "prompt_tokens": result.get(RESULT_PROMPT_TOKENS),
         "completion_tokens": completion_tokens,
@@ -180,14 +193,15 @@ def configure_logging(log_dir: str | Path, level: str = "INFO") -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     logger.remove()
     logger.configure(extra={"request_log": False})
-    common = {"rotation": LOG_ROTATION, "retention": LOG_RETENTION, "enqueue": True}
+    # diagnose=False: tracebacks never show variable values, which may hold prompts or keys.
+    common = {"rotation": LOG_ROTATION, "retention": LOG_RETENTION, "enqueue": True, "diagnose": False}
 
     def not_request(record: Any) -> bool:
         return not record["extra"]["request_log"]
 
-    logger.add(sys.stderr, level=level, filter=not_request, enqueue=True)
+    logger.add(sys.stderr, level=level, filter=not_request, enqueue=True, diagnose=False)
     logger.add(log_dir / "app.log", level=level, filter=not_request, **common)
-    logger.add(log_dir / "errors.log", level="ERROR", backtrace=True, diagnose=False, **common)
+    logger.add(log_dir / "errors.log", level="ERROR", backtrace=True, **common)
     logger.add(
         log_dir / REQUEST_LOG,
         format="[{time:YYYY-MM-DD HH:mm:ss.SSS}] {message}",

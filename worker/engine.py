@@ -79,6 +79,13 @@ class EngineClient:
         except httpx.TransportError as exc:
             raise EngineUnavailable(f"engine connection failed: {exc!r}") from exc
 
+    def is_ready(self, health_path: str) -> bool:
+        """Tell whether the engine answers its health check with 200."""
+        try:
+            return self._http.get(health_path, timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def close(self) -> None:
         self._http.close()
 

@@ -19,3 +19,7 @@ class EngineTimeout(Exception):
 
 class EngineProtocolError(Exception):
     """The engine's answer could not be parsed as an OpenAI-compatible stream."""
+
+
+class JobExpired(Exception):
+    """The job waited in the queue longer than QUEUE_TTL."""

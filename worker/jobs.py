@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
+from rq import get_current_job
+from rq.exceptions import AbandonedJobError
 from rq.timeouts import JobTimeoutException
 
 from worker import contract
@@ -16,6 +19,7 @@ from worker.exceptions import (
     EngineServerError,
     EngineTimeout,
     EngineUnavailable,
+    JobExpired,
 )
 from worker.settings import WorkerSettings
 
@@ -32,14 +36,22 @@ ERROR_TYPES: dict[type[BaseException], str] = {
     EngineRejected: contract.ERROR_ENGINE_REJECTED,
     EngineTimeout: contract.ERROR_TIMEOUT,
     JobTimeoutException: contract.ERROR_TIMEOUT,
+    JobExpired: contract.ERROR_EXPIRED,
+    AbandonedJobError: contract.ERROR_WORKER_DIED,
 }
+MAX_RETRY_DELAY = 30  # seconds
 request_log = logger.bind(request_log=True)
+
+
+@cache
+def worker_settings() -> WorkerSettings:
+    return WorkerSettings.from_env()
 
 
 @cache
 def engine_client() -> EngineClient:
     """Return this process's engine client, created on first use so its pool is not shared across forks."""
-    settings = WorkerSettings.from_env()
+    settings = worker_settings()
     return EngineClient(
         settings.engine_url,
         settings.served_model_name,
@@ -50,6 +62,9 @@ def engine_client() -> EngineClient:
 
 def generate(payload: dict[str, Any]) -> dict[str, Any]:
     """Run one generation on the engine and return its text, finish reason, usage and TTFT."""
+    job = get_current_job()
+    if job is not None:
+        start_attempt(job, worker_settings().queue_ttl)
     completion = engine_client().generate(payload)
     return {
         contract.RESULT_TEXT: completion.text,
@@ -58,6 +73,16 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
         contract.RESULT_COMPLETION_TOKENS: completion.completion_tokens,
         contract.RESULT_TTFT: completion.time_to_first_token,
     }
+
+
+def start_attempt(job: Job, queue_ttl: int) -> None:
+    """Count this attempt in the job's meta; refuse a job that waited in the queue past `queue_ttl`."""
+    job.meta[contract.META_ATTEMPT] = job.meta.get(contract.META_ATTEMPT, 0) + 1
+    job.save_meta()
+    if job.enqueued_at is not None:
+        waited = (datetime.now(timezone.utc) - job.enqueued_at).total_seconds()
+        if waited > queue_ttl:
+            raise JobExpired(f"waited {waited:.0f} s in the queue, longer than QUEUE_TTL ({queue_ttl} s)")
 
 
 def on_success(job: Job, connection: Redis, result: dict[str, Any]) -> None:
@@ -84,15 +109,35 @@ def on_failure(
     exc_value: BaseException,
     traceback: TracebackType | None,
 ) -> None:
-    """Record why the job failed in its meta, log the traceback and the request-log line."""
+    """Decide whether a failed attempt is retried; if not, record why the job failed and log it.
+
+    Runs before RQ requeues the job, on the same Job object, so setting `retries_left` and
+    `retry_intervals` here chooses RQ's next step: final failure, retry after a backoff, or at once.
+    """
     error_type = classify(exc_type)
     message = str(exc_value) or exc_type.__name__
-    if error_type == contract.ERROR_TIMEOUT and exc_type is JobTimeoutException:
+    if exc_type is JobTimeoutException:
         message = f"generation exceeded the task time limit of {job.timeout} s"
+    elif exc_type is AbandonedJobError:
+        message = "the worker running the job died"
+    if error_type not in contract.RETRYABLE_ERRORS:
+        job.retries_left = 0
+    if job.should_retry:
+        attempt = job.meta.get(contract.META_ATTEMPT, 1)
+        delay = 0 if error_type == contract.ERROR_WORKER_DIED else retry_delay(attempt)
+        job.retry_intervals = [delay]
+        job.meta[contract.META_RETRY_REASON] = error_type
+        job.save_meta()
+        logger.warning(
+            "job {} attempt {} failed ({}: {}); retrying in {} s, {} retries left",
+            job.id, attempt, error_type, message, delay, job.retries_left,
+        )  # fmt: skip
+        return
     job.meta[contract.META_ERROR_TYPE] = error_type
     job.meta[contract.META_ERROR_MESSAGE] = message
     job.save_meta()
-    logger.opt(exception=(exc_type, exc_value, traceback)).error("job {} failed: {}", job.id, error_type)
+    # RQ's exception handler has already written the traceback to the error log.
+    logger.error("job {} failed: {}: {}", job.id, error_type, message)
     metrics = contract.job_metrics(job.enqueued_at, job.started_at, job.ended_at, None)
     request_log.info(
         "task_id={} status=error error_type={} error={!r} queue_wait={}s processing_time={}s total_time={}s",
@@ -103,6 +148,12 @@ def on_failure(
         metrics["processing_time"],
         metrics["total_time"],
     )
+
+
+def retry_delay(attempt: int) -> int:
+    """Seconds to wait before retrying after failed attempt number `attempt` (exponential backoff)."""
+    base = worker_settings().engine_retry_backoff
+    return int(min(base * 2 ** (attempt - 1), MAX_RETRY_DELAY))
 
 
 def classify(exc_type: type[BaseException]) -> str:

@@ -10,16 +10,40 @@ from worker import contract
 
 DEFAULT_WORKER_CONCURRENCY = 8
 """Worker processes, hence requests in flight at the engine: vLLM batches them together."""
+DEFAULT_JOB_MONITORING_INTERVAL = 5
+"""Seconds between heartbeats of a running job."""
+DEFAULT_HEARTBEAT_GRACE = 10
+"""Seconds a running job's heartbeat may be late before the job counts as abandoned (RQ uses 60)."""
+DEFAULT_MAINTENANCE_INTERVAL = 5
+"""Seconds between sweeps for abandoned jobs (RQ uses 600)."""
+DEFAULT_WORKER_TTL = 20
+"""Seconds a silent worker stays registered; an idle worker wakes every WORKER_TTL - 15 s."""
+DEFAULT_ENGINE_RETRY_BACKOFF = 1
+"""Seconds before the first retry after an engine failure; doubles each attempt, at most 30 s."""
+DEFAULT_QUEUE_TTL = 600
+"""Seconds a job may wait in the queue before it ends as error/expired."""
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
     redis_url: str
     engine_url: str
+    engine_health_path: str
     served_model_name: str
     concurrency: int
     task_time_limit: int  # seconds
     connect_timeout: float  # seconds
+    job_monitoring_interval: int  # seconds
+    heartbeat_grace: int  # seconds
+    maintenance_interval: int  # seconds
+    worker_ttl: int  # seconds
+    engine_retry_backoff: int  # seconds
+    queue_ttl: int  # seconds
+    log_prompts: bool
     log_dir: str
     log_level: str
 
@@ -29,10 +53,18 @@ class WorkerSettings:
         return cls(
             redis_url=contract.redis_url(env),
             engine_url=env.get("ENGINE_URL") or contract.DEFAULT_ENGINE_URL,
+            engine_health_path=env.get("ENGINE_HEALTH_PATH") or "/health",
             served_model_name=env.get("SERVED_MODEL_NAME") or contract.DEFAULT_SERVED_MODEL_NAME,
             concurrency=int(env.get("WORKER_CONCURRENCY", DEFAULT_WORKER_CONCURRENCY)),
             task_time_limit=int(env.get("TASK_TIME_LIMIT", contract.DEFAULT_TASK_TIME_LIMIT)),
             connect_timeout=float(env.get("ENGINE_CONNECT_TIMEOUT", "5")),
+            job_monitoring_interval=int(env.get("JOB_MONITORING_INTERVAL", DEFAULT_JOB_MONITORING_INTERVAL)),
+            heartbeat_grace=int(env.get("HEARTBEAT_GRACE", DEFAULT_HEARTBEAT_GRACE)),
+            maintenance_interval=int(env.get("MAINTENANCE_INTERVAL", DEFAULT_MAINTENANCE_INTERVAL)),
+            worker_ttl=int(env.get("WORKER_TTL", DEFAULT_WORKER_TTL)),
+            engine_retry_backoff=int(env.get("ENGINE_RETRY_BACKOFF", DEFAULT_ENGINE_RETRY_BACKOFF)),
+            queue_ttl=int(env.get("QUEUE_TTL", DEFAULT_QUEUE_TTL)),
+            log_prompts=_flag(env.get("LOG_PROMPTS")),
             log_dir=env.get("LOG_DIR") or contract.DEFAULT_LOG_DIR,
             log_level=env.get("LOG_LEVEL", "INFO").upper(),
         )
