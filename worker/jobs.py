@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -80,7 +80,7 @@ def start_attempt(job: Job, queue_ttl: int) -> None:
     job.meta[contract.META_ATTEMPT] = job.meta.get(contract.META_ATTEMPT, 0) + 1
     job.save_meta()
     if job.enqueued_at is not None:
-        waited = (datetime.now(timezone.utc) - job.enqueued_at).total_seconds()
+        waited = (datetime.now(UTC) - job.enqueued_at).total_seconds()
         if waited > queue_ttl:
             raise JobExpired(f"waited {waited:.0f} s in the queue, longer than QUEUE_TTL ({queue_ttl} s)")
 
