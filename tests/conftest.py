@@ -144,8 +144,8 @@ def reset_worker_caches() -> None:
 
 def run_worker(connection: Redis) -> None:
     """Work every queued job (retries included) in this process with the service's worker class, then return."""
-    queues = [Queue(name, connection=connection, serializer=contract.SERIALIZER) for name in contract.QUEUES]
-    EngineWorker(queues, connection=connection, serializer=contract.SERIALIZER).work(burst=True)
+    queues = [Queue(name, connection=connection) for name in contract.QUEUES]
+    EngineWorker(queues, connection=connection).work(burst=True)
 
 
 def queued_count(connection: Redis) -> int:

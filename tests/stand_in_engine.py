@@ -6,6 +6,7 @@ reply, and injects faults chosen by the prompt text:
   "stand-in:sleep=S"     wait S seconds before the first token
   "stand-in:drop"        send one chunk, then close the connection without finishing
   "stand-in:fail-first=N"  answer 503 to the first N requests with this text, then stream normally
+  "stand-in:slow=S"      stream 40 tokens, one every S seconds; `aborted` records texts whose client hung up
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class StandInEngine:
     def __init__(self, port: int):
         self.requests: list[dict[str, Any]] = []
         self.healthy = True
+        self.aborted: list[str] = []
         self.server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{port}"
@@ -75,6 +77,9 @@ def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
                 return
             if match := re.search(r"stand-in:sleep=([\d.]+)", text):
                 time.sleep(float(match.group(1)))
+            if match := re.search(r"stand-in:slow=([\d.]+)", text):
+                self._stream_slowly(body, float(match.group(1)), text)
+                return
             self._stream(body, drop="stand-in:drop" in text)
 
         def _json(self, status: int, payload: dict[str, Any]) -> None:
@@ -105,6 +110,22 @@ def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
             self.close_connection = True
+
+        def _stream_slowly(self, body: dict[str, Any], delay: float, text: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            try:
+                for _ in range(40):
+                    self._event({"choices": [{"index": 0, "text": " tick", "finish_reason": None}]})
+                    time.sleep(delay)
+                self._event({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                engine.aborted.append(text)
 
         def _event(self, payload: dict[str, Any]) -> None:
             self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")

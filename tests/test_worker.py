@@ -9,7 +9,7 @@ import uuid
 import pytest
 from loguru import logger
 
-from tests.conftest import KEY, SERVED_MODEL, run_worker
+from tests.conftest import KEY, SERVED_MODEL, run_worker, wait_until
 from tests.stand_in_engine import CONTEXT_ERROR
 from web import create_app
 from worker import jobs
@@ -133,7 +133,7 @@ def test_retried_job_status_says_queued_again_and_which_attempt(client, redis_co
     from worker import contract, jobs
 
     task_id = submit(client, prompt="hello")
-    job = Job.fetch(task_id, connection=redis_conn, serializer=contract.SERIALIZER)
+    job = Job.fetch(task_id, connection=redis_conn)
     job.meta[contract.META_ATTEMPT] = 1
     job.save_meta()
     jobs.on_failure(job, redis_conn, jobs.EngineServerError, jobs.EngineServerError("engine answered 502"), None)
@@ -177,3 +177,11 @@ def test_job_waiting_past_queue_ttl_expires_without_calling_the_engine(
     assert_failed(body, "expired")
     assert "QUEUE_TTL" in body["error_message"]
     assert requests_with(stand_in, prompt) == 0
+
+
+def test_timeout_closes_the_engine_stream(app_config, redis_conn, worker_env, stand_in):
+    client = create_app({**app_config, "TASK_TIME_LIMIT": 1}).test_client()
+    prompt = f"stand-in:slow=0.2 {uuid.uuid4()}"
+    body = finish(client, redis_conn, submit(client, prompt=prompt))
+    assert_failed(body, "timeout")
+    wait_until(lambda: prompt in stand_in.aborted, 3, "the engine to see the request aborted")

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 
 from flask import Flask, Response, request
 from rq_dashboard.cli import make_flask_app
-from rq_dashboard.web import config as dashboard_config
 from rq_dashboard.web import setup_rq_connection
 
 from worker import contract
@@ -22,10 +21,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def create_dashboard(env: Mapping[str, str] = os.environ) -> Flask:
-    """Build the rq-dashboard app for the service's Redis and job serializer."""
+    """Build the rq-dashboard app for the service's Redis."""
     app = make_flask_app(None, None, None, "")
     app.config["RQ_DASHBOARD_REDIS_URL"] = contract.redis_url(env)
-    dashboard_config.serializer = contract.SERIALIZER
     setup_rq_connection(app)
     username, password = env.get("RQ_DASHBOARD_USERNAME", ""), env.get("RQ_DASHBOARD_PASSWORD", "")
     if username and password:

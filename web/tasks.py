@@ -32,7 +32,7 @@ def redis_connection() -> Redis:
 def submit(payload: dict[str, Any], owner: str) -> str:
     """Enqueue a generation job owned by `owner` and return its task id."""
     config = current_app.config
-    queue = Queue(contract.QUEUE_NORMAL, connection=redis_connection(), serializer=contract.SERIALIZER)
+    queue = Queue(contract.QUEUE_NORMAL, connection=redis_connection())
     job = queue.enqueue(
         contract.TASK_PATH,
         payload,
@@ -54,7 +54,7 @@ def find(task_id: str, owner: str) -> Job:
     if not _TASK_ID.match(task_id):
         raise TaskNotFound(f"no task {task_id}")
     try:
-        job = Job.fetch(task_id, connection=redis_connection(), serializer=contract.SERIALIZER)
+        job = Job.fetch(task_id, connection=redis_connection())
     except NoSuchJobError:
         raise TaskNotFound(f"no task {task_id}") from None
     if job.meta.get(contract.META_OWNER) != owner:

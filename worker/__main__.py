@@ -32,7 +32,6 @@ def main() -> None:
         connection=Redis.from_url(settings.redis_url),
         num_workers=settings.concurrency,
         worker_class=EngineWorker,
-        serializer=contract.SERIALIZER,
     )
     pool.start(logging_level=settings.log_level)
 

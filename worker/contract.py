@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from loguru import logger
-from rq.serializers import JSONSerializer
 
 # --- Defaults shared by every process (units in the docstrings) -------------------------
 
@@ -42,8 +41,8 @@ QUEUES = (QUEUE_HIGH, QUEUE_NORMAL, QUEUE_LOW)
 TASK_PATH = "worker.jobs.generate"
 ON_SUCCESS_PATH = "worker.jobs.on_success"
 ON_FAILURE_PATH = "worker.jobs.on_failure"
-SERIALIZER = JSONSerializer
-"""Job payloads, results and meta are JSON in Redis: readable by redis-cli and rq-dashboard --json."""
+# Jobs use RQ's default serializer: every RQ tool (WorkerPool, registries' cleanup, rq CLI,
+# rq-dashboard) reads them without being told otherwise.
 
 # --- Payload (the single argument of the task) -------------------------------------------
 

@@ -38,6 +38,7 @@ ERROR_TYPES: dict[type[BaseException], str] = {
     JobTimeoutException: contract.ERROR_TIMEOUT,
     JobExpired: contract.ERROR_EXPIRED,
     AbandonedJobError: contract.ERROR_WORKER_DIED,
+    SystemExit: contract.ERROR_WORKER_DIED,  # RQ's cold shutdown raises it inside the running job
 }
 MAX_RETRY_DELAY = 30  # seconds
 request_log = logger.bind(request_log=True)
@@ -120,6 +121,8 @@ def on_failure(
         message = f"generation exceeded the task time limit of {job.timeout} s"
     elif exc_type is AbandonedJobError:
         message = "the worker running the job died"
+    elif exc_type is SystemExit:
+        message = "the worker running the job was shut down"
     if error_type not in contract.RETRYABLE_ERRORS:
         job.retries_left = 0
     if job.should_retry:

@@ -74,7 +74,7 @@ def test_concurrent_jobs_are_in_flight_together(service):
     bodies = [wait_result(service, task_id) for task_id in ids]
     assert [body["status"] for body in bodies] == ["completed"] * 8
     connection = Redis.from_url(service.redis_url)
-    jobs = [Job.fetch(task_id, connection=connection, serializer=contract.SERIALIZER) for task_id in ids]
+    jobs = [Job.fetch(task_id, connection=connection) for task_id in ids]
     # With one job at a time no two processing intervals would overlap.
     overlapping = max(
         sum(1 for other in jobs if other.started_at < job.ended_at and job.started_at < other.ended_at) for job in jobs

@@ -1,0 +1,116 @@
+"""Fault-injection fixtures: real worker pools, redis-servers and gunicorn, killed with real signals.
+
+Recovery times measured by the tests are printed at the end of the run (see docs/RELIABILITY.md).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from tests.conftest import ROOT, SERVED_MODEL, wait_until
+from web import create_app
+
+FAULT_DB = 2
+MEASURED: dict[str, str] = {}
+"""What each fault test measured, printed in the terminal summary."""
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if MEASURED:
+        terminalreporter.section("fault recovery measured")
+        for fault, figure in MEASURED.items():
+            terminalreporter.write_line(f"{fault}: {figure}")
+
+
+@pytest.fixture
+def fault_redis_url(redis_server) -> Iterator[str]:
+    url = f"{redis_server}/{FAULT_DB}"
+    connection = Redis.from_url(url)
+    connection.flushdb()
+    yield url
+    connection.flushdb()
+
+
+@pytest.fixture
+def fault_conn(fault_redis_url) -> Redis:
+    return Redis.from_url(fault_redis_url)
+
+
+@pytest.fixture
+def fault_logs(tmp_path) -> Path:
+    return tmp_path / "logs"
+
+
+@pytest.fixture
+def fault_client(app_config, fault_redis_url, fault_logs):
+    return create_app({**app_config, "REDIS_URL": fault_redis_url, "LOG_DIR": str(fault_logs)}).test_client()
+
+
+@pytest.fixture
+def start_pool(fault_redis_url, stand_in, fault_logs, tmp_path) -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start `python -m worker` as the Procfile does, in its own process group; kill leftovers at teardown."""
+    pools: list[subprocess.Popen] = []
+
+    def start(concurrency: int = 2, **settings: str) -> subprocess.Popen:
+        env = {
+            **os.environ,
+            "REDIS_URL": fault_redis_url,
+            "ENGINE_URL": stand_in.url,
+            "SERVED_MODEL_NAME": SERVED_MODEL,
+            "WORKER_CONCURRENCY": str(concurrency),
+            "LOG_DIR": str(fault_logs),
+            **settings,
+        }
+        log = tmp_path / f"pool-{len(pools)}.out"
+        with log.open("w") as out:
+            pool = subprocess.Popen(
+                [sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        pools.append(pool)
+        wait_until(lambda: log.read_text().count("Listening on") >= concurrency, 20, f"{concurrency} workers to listen")
+        return pool
+
+    yield start
+    for pool in pools:
+        try:
+            os.killpg(pool.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        pool.wait(timeout=10)
+
+
+def start_redis(folder: Path, port: int) -> subprocess.Popen:
+    """Start redis-server with the Procfile's durability settings (AOF, fsync every second)."""
+    process = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder),
+         "--appendonly", "yes", "--appendfsync", "everysec"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = Redis(port=port)
+
+    def answers() -> bool:
+        try:
+            return client.ping() and not client.info("persistence").get("loading")
+        except Exception:
+            return False
+
+    wait_until(answers, 20, "redis-server to answer and finish loading")
+    return process
+
+
+def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> float:
+    """Send `sig` and return how long the process took to exit."""
+    sent = time.monotonic()
+    process.send_signal(sig)
+    process.wait(timeout=timeout)
+    return time.monotonic() - sent

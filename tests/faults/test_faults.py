@@ -1,0 +1,249 @@
+"""Every accepted job ends completed, error or cancelled: never lost, never run to two results.
+
+Each test starts real processes, kills them with real signals, and measures how long recovery took.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from redis import Redis
+from rq import Queue, Worker
+from rq.job import Job
+from rq.results import Result
+
+from tests.conftest import KEY, ROOT, free_port, wait_until
+from tests.faults.conftest import MEASURED, start_redis, stop
+from tests.stand_in_engine import StandInEngine
+from web import create_app
+from worker import contract
+
+AUTH = {"X-API-Key": KEY}
+RECOVERY_LIMIT = 60  # seconds from the kill to the completed job
+
+
+def submit(client, prompt: str, max_tokens: int = 8) -> str:
+    response = client.post("/generate", json={"prompt": prompt, "max_tokens": max_tokens}, headers=AUTH)
+    assert response.status_code == 202, response.get_json()
+    return response.get_json()["task_id"]
+
+
+def status(client, task_id: str) -> str:
+    return client.get(f"/status/{task_id}", headers=AUTH).get_json()["status"]
+
+
+def wait_finished(client, task_id: str, timeout: float) -> dict:
+    wait_until(lambda: status(client, task_id) not in ("queued", "processing"), timeout, f"task {task_id} to finish")
+    return client.get(f"/result/{task_id}", headers=AUTH).get_json()
+
+
+def success_lines(log_dir: Path, task_id: str) -> int:
+    log = log_dir / contract.REQUEST_LOG
+    return log.read_text().count(f"task_id={task_id} status=success") if log.exists() else 0
+
+
+def assert_completed_once(client, conn: Redis, log_dir: Path, task_id: str, stand_in, prompt: str, attempts: int):
+    body = client.get(f"/result/{task_id}", headers=AUTH).get_json()
+    assert body["status"] == "completed", body
+    assert body["result"] == "Hello, world!"
+    job = Job.fetch(task_id, connection=conn)
+    assert [result.type for result in job.results()] == [Result.Type.SUCCESSFUL]
+    assert sum(1 for sent in stand_in.requests if sent.get("prompt") == prompt) == attempts
+    wait_until(lambda: success_lines(log_dir, task_id) >= 1, 5, "the request-log line")
+    time.sleep(0.5)
+    assert success_lines(log_dir, task_id) == 1
+
+
+def worker_running(conn: Redis, task_id: str) -> Worker:
+    wait_until(
+        lambda: any(w.get_current_job_id() == task_id for w in Worker.all(connection=conn)), 10, "a worker to run it"
+    )
+    return next(w for w in Worker.all(connection=conn) if w.get_current_job_id() == task_id)
+
+
+@pytest.mark.timeout(120)
+def test_worker_process_killed_mid_job_is_retried_and_completes_once(
+    start_pool, fault_client, fault_conn, fault_logs, stand_in
+):
+    start_pool(concurrency=2)
+    prompt = f"stand-in:sleep=3 {uuid.uuid4()}"
+    task_id = submit(fault_client, prompt)
+    worker = worker_running(fault_conn, task_id)
+    killed_at = time.monotonic()
+    os.kill(worker.pid, signal.SIGKILL)
+
+    body = wait_finished(fault_client, task_id, RECOVERY_LIMIT)
+    recovery = time.monotonic() - killed_at
+    assert body["status"] == "completed", body
+    assert body["attempt"] == 2
+    assert_completed_once(fault_client, fault_conn, fault_logs, task_id, stand_in, prompt, attempts=2)
+    MEASURED["worker process SIGKILL mid-job -> completed"] = f"{recovery:.1f} s (job itself takes 3 s)"
+
+
+@pytest.mark.timeout(120)
+def test_whole_pool_killed_job_completes_on_a_new_pool(start_pool, fault_client, fault_conn, fault_logs, stand_in):
+    pool = start_pool(concurrency=2)
+    prompt = f"stand-in:sleep=3 {uuid.uuid4()}"
+    task_id = submit(fault_client, prompt)
+    worker_running(fault_conn, task_id)
+    killed_at = time.monotonic()
+    os.killpg(pool.pid, signal.SIGKILL)
+    pool.wait(timeout=10)
+    start_pool(concurrency=2)
+
+    body = wait_finished(fault_client, task_id, RECOVERY_LIMIT)
+    recovery = time.monotonic() - killed_at
+    assert body["status"] == "completed", body
+    assert_completed_once(fault_client, fault_conn, fault_logs, task_id, stand_in, prompt, attempts=2)
+    MEASURED["whole worker pool SIGKILL mid-job, new pool started -> completed"] = f"{recovery:.1f} s"
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_lets_the_running_job_finish_then_the_pool_exits(
+    start_pool, fault_client, fault_conn, fault_logs, stand_in
+):
+    pool = start_pool(concurrency=2)
+    prompt = f"stand-in:sleep=3 {uuid.uuid4()}"
+    task_id = submit(fault_client, prompt)
+    worker_running(fault_conn, task_id)
+    exit_time = stop(pool, signal.SIGTERM, timeout=30)
+    assert pool.returncode == 0
+    assert status(fault_client, task_id) == "completed"
+    assert_completed_once(fault_client, fault_conn, fault_logs, task_id, stand_in, prompt, attempts=1)
+    MEASURED["SIGTERM to the pool mid-job -> job finished, pool exited"] = f"{exit_time:.1f} s"
+
+
+@pytest.mark.timeout(120)
+def test_second_sigterm_is_a_cold_shutdown_and_the_job_is_recovered(
+    start_pool, fault_client, fault_conn, fault_logs, stand_in
+):
+    start_pool(concurrency=2)
+    prompt = f"stand-in:sleep=4 {uuid.uuid4()}"
+    task_id = submit(fault_client, prompt)
+    worker = worker_running(fault_conn, task_id)
+    os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(1.5)  # RQ ignores a second signal within 1 s as a duplicate
+    killed_at = time.monotonic()
+    os.kill(worker.pid, signal.SIGTERM)
+
+    body = wait_finished(fault_client, task_id, RECOVERY_LIMIT)
+    recovery = time.monotonic() - killed_at
+    assert body["status"] == "completed", body
+    assert_completed_once(fault_client, fault_conn, fault_logs, task_id, stand_in, prompt, attempts=2)
+    MEASURED["second SIGTERM (cold shutdown) mid-job -> completed"] = f"{recovery:.1f} s"
+
+
+@pytest.mark.timeout(120)
+def test_workers_wait_while_the_engine_is_down(start_pool, fault_client, fault_conn, fault_logs, app_config, tmp_path):
+    port = free_port()
+    engine_url = f"http://127.0.0.1:{port}"
+    pool = start_pool(concurrency=2, ENGINE_URL=engine_url)
+    ids = [submit(fault_client, f"while down {n}") for n in range(4)]
+    time.sleep(3)
+    assert [status(fault_client, task_id) for task_id in ids] == ["queued"] * 4
+    health_client = create_app({**app_config, "ENGINE_URL": engine_url}).test_client()
+    health = health_client.get("/health")
+    assert health.status_code == 503
+    assert health.get_json()["model_loaded"] is False
+    assert "is not ready; waiting before taking jobs" in (fault_logs / "app.log").read_text()
+
+    engine = StandInEngine(port).start()
+    try:
+        up_at = time.monotonic()
+        for task_id in ids:
+            assert wait_finished(fault_client, task_id, 30)["status"] == "completed"
+        resumed = time.monotonic() - up_at
+    finally:
+        engine.stop()
+    assert pool.poll() is None
+    MEASURED["engine down with 4 jobs queued -> all completed after it came back"] = f"{resumed:.1f} s"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_redis_restart_keeps_every_queued_job(sig, tmp_path, app_config, start_pool, stand_in):
+    port, folder = free_port(), tmp_path / "redis"
+    folder.mkdir()
+    redis_process = start_redis(folder, port)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = create_app({**app_config, "REDIS_URL": url}).test_client()
+    ids = [submit(client, f"durable {n}") for n in range(1000)]
+
+    stop(redis_process, sig)
+    restarted_at = time.monotonic()
+    redis_process = start_redis(folder, port)
+    try:
+        reload_time = time.monotonic() - restarted_at
+        conn = Redis.from_url(url)
+        assert Queue(contract.QUEUE_NORMAL, connection=conn).count == 1000
+        assert all(conn.exists(f"rq:job:{task_id}") for task_id in ids)
+
+        started = time.monotonic()
+        start_pool(concurrency=4, REDIS_URL=url, LOG_DIR=str(tmp_path / "pool-logs"))
+        finished = Queue(contract.QUEUE_NORMAL, connection=conn).finished_job_registry
+        wait_until(lambda: finished.count == 1000, 240, "1,000 jobs to finish", interval=0.5)
+        drained = time.monotonic() - started
+        statuses = {status(client, task_id) for task_id in ids}
+        assert statuses == {"completed"}
+        lines = (tmp_path / "pool-logs" / contract.REQUEST_LOG).read_text().splitlines()
+        done = [line.split("task_id=")[1].split()[0] for line in lines if "status=success" in line]
+        assert sorted(done) == sorted(ids)  # each job exactly once
+    finally:
+        stop(redis_process)
+    name = signal.Signals(sig).name
+    MEASURED[f"Redis {name} with 1,000 jobs queued -> all kept"] = (
+        f"1000/1000 after restart (reload {reload_time:.1f} s); drained by 4 workers in {drained:.1f} s"
+    )
+
+
+@pytest.mark.timeout(120)
+def test_gunicorn_reload_loses_no_submitted_job(fault_redis_url, fault_conn, stand_in, tmp_path):
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": fault_redis_url, "API_KEYS": KEY, "ENGINE_URL": stand_in.url,
+           "LOG_DIR": str(tmp_path / "logs")}  # fmt: skip
+    gunicorn = str(Path(sys.executable).parent / "gunicorn")
+    with (tmp_path / "gunicorn.out").open("w") as out:
+        server = subprocess.Popen(
+            [gunicorn, "--workers", "2", "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "10", "web:create_app()"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(url), 20, "gunicorn to answer")
+        answers: list[tuple[int, str | None]] = []
+
+        def load() -> None:
+            with httpx.Client(base_url=url, headers=AUTH, timeout=10) as http:
+                for n in range(300):
+                    response = http.post("/generate", json={"prompt": f"reload {n}", "max_tokens": 4})
+                    answers.append((response.status_code, response.json().get("task_id")))
+
+        thread = threading.Thread(target=load)
+        thread.start()
+        for _ in range(2):
+            time.sleep(0.4)
+            server.send_signal(signal.SIGHUP)  # graceful reload: new workers, old ones finish their requests
+        thread.join(timeout=60)
+    finally:
+        stop(server)
+    assert len(answers) == 300
+    assert {code for code, _ in answers} == {202}
+    assert all(Job.exists(task_id, connection=fault_conn) for _, task_id in answers)
+    assert Queue(contract.QUEUE_NORMAL, connection=fault_conn).count == 300
+    MEASURED["gunicorn reloaded twice during 300 submits"] = "300/300 answered 202, 300 jobs in the queue"
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url + "/", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
