@@ -99,6 +99,7 @@ def app_config(redis_url, stand_in, tmp_path) -> dict:
         "API_KEYS": [KEY, OTHER_KEY],
         "ENGINE_URL": stand_in.url,
         "LOG_DIR": str(tmp_path / "logs"),
+        "RATE_LIMIT_PER_MINUTE": 0,  # tests/test_limits.py turns it on
     }
 
 

@@ -12,6 +12,8 @@ from redis.retry import Retry
 
 from web import errors
 from web.api import Api
+from web.limits import init_limits
+from web.schemas import document_request_limits
 from web.settings import config_from_env
 from worker import contract
 
@@ -45,9 +47,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
     )
+    init_limits(app)
     api = Api(app)
     api.register_blueprint(health.bp)
     api.register_blueprint(jobs.bp)
+    document_request_limits(api.spec, app.config)
     # Swagger UI with its assets served from the installed package: no CDN needed.
     app.register_blueprint(get_swaggerui_blueprint("/docs", "/openapi.json", config={"app_name": "LLM queue"}))
     errors.register_error_handlers(app)

@@ -6,6 +6,7 @@ from typing import Any
 
 import redis.exceptions
 from flask import Flask, jsonify
+from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import HTTPException
 
 
@@ -21,11 +22,17 @@ class ServiceMisconfigured(Exception):
     """The service cannot serve requests as configured."""
 
 
+class QueueFull(Exception):
+    """More jobs are waiting than MAX_QUEUED_JOBS allows."""
+
+
 # Exception -> (HTTP status, error_type). The only place exceptions become statuses.
 ERROR_MAP: dict[type[BaseException], tuple[int, str]] = {
     Unauthorized: (401, "unauthorized"),
     TaskNotFound: (404, "not_found"),
     ServiceMisconfigured: (503, "misconfigured"),
+    QueueFull: (503, "queue_full"),
+    RateLimitExceeded: (429, "rate_limited"),
     redis.exceptions.ConnectionError: (503, "queue_unavailable"),
     redis.exceptions.TimeoutError: (503, "queue_unavailable"),
 }
@@ -35,6 +42,19 @@ _MESSAGES = {
 }
 RETRY_AFTER_SECONDS = 5
 """Retry-After sent with 503 answers."""
+
+
+def _message(exc: Exception, error_type: str) -> str:
+    if isinstance(exc, RateLimitExceeded):
+        return f"rate limit reached for this API key: {exc.description}"
+    return _MESSAGES.get(error_type) or str(exc)
+
+
+def _retry_after(exc: Exception) -> int:
+    """Seconds a client should wait: a rate limit's window, else RETRY_AFTER_SECONDS."""
+    if isinstance(exc, RateLimitExceeded):
+        return exc.limit.limit.get_expiry()
+    return RETRY_AFTER_SECONDS
 
 
 def error_body(error_type: str, message: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -55,7 +75,9 @@ def http_error_response(error: HTTPException) -> tuple[dict[str, Any], int, dict
         message = "invalid request: " + "; ".join(f"{name}: {' '.join(msgs)}" for name, msgs in fields.items())
     else:
         message = data.get("message") or error.description or error.name
-    headers = data.get("headers") or {}
+    # Keep the exception's own headers (e.g. Allow on 405), but the body is JSON.
+    headers = {key: value for key, value in error.get_headers() if key.lower() != "content-type"}
+    headers.update(data.get("headers") or {})
     return error_body(error_type, message, fields), status, headers
 
 
@@ -85,9 +107,10 @@ def register_error_handlers(app: Flask) -> None:
 
     def handle(exc: Exception):
         status, error_type = next(ERROR_MAP[cls] for cls in type(exc).__mro__ if cls in ERROR_MAP)
-        response = jsonify(error_body(error_type, _MESSAGES.get(error_type) or str(exc)))
+        response = jsonify(error_body(error_type, _message(exc, error_type)))
+        if status in (429, 503):
+            response.headers["Retry-After"] = str(_retry_after(exc))
         if status == 503:
-            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
             app.logger.warning("%s: %s", error_type, exc)
         return response, status
 

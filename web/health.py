@@ -7,12 +7,11 @@ from importlib.metadata import PackageNotFoundError, version
 import httpx
 import redis.exceptions
 from flask import current_app
-from rq import Queue, Worker
+from rq import Worker
 
 from web import tasks
 from web.api import Blueprint
 from web.schemas import HealthSchema, IndexSchema
-from worker import contract
 
 bp = Blueprint("health", __name__, description="Service index and health.")
 
@@ -42,7 +41,7 @@ def health():
     try:
         connection.ping()
         workers = Worker.count(connection=connection)
-        queued = sum(Queue(name, connection=connection).count for name in contract.QUEUES)
+        queued = tasks.queued_jobs(connection)
         redis_ok = True
     except redis.exceptions.RedisError:
         redis_ok, workers, queued = False, None, None

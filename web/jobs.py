@@ -7,6 +7,7 @@ from flask import g
 from web import tasks
 from web.api import Blueprint
 from web.auth import require_api_key
+from web.limits import limiter, rate_limit_off, submit_rate
 from web.schemas import ErrorSchema, GenerateRequestSchema, TaskAcceptedSchema, TaskResultSchema, TaskStatusSchema
 
 bp = Blueprint("jobs", __name__, description="Submit generations and fetch their results (X-API-Key required).")
@@ -18,7 +19,9 @@ bp.before_request(require_api_key)
 @bp.response(202, TaskAcceptedSchema)
 @bp.alt_response(401, schema=ErrorSchema, description="Missing or invalid API key")
 @bp.alt_response(413, schema=ErrorSchema, description="Request body too large")
-@bp.alt_response(503, schema=ErrorSchema, description="Queue unavailable; retry after Retry-After seconds")
+@bp.alt_response(429, schema=ErrorSchema, description="Rate limit for this key reached; see Retry-After")
+@bp.alt_response(503, schema=ErrorSchema, description="Queue full or unavailable; retry after Retry-After seconds")
+@limiter.limit(submit_rate, exempt_when=rate_limit_off)
 def generate(payload):
     """Queue a generation and return its task id at once."""
     task_id = tasks.submit(payload, g.owner)

@@ -137,3 +137,19 @@ class IndexSchema(Schema):
     version = fields.String(required=True)
     docs = fields.String(required=True)
     openapi = fields.String(required=True)
+
+
+def document_request_limits(spec: Any, config: dict[str, Any]) -> None:
+    """Write the configured limits and the prompt-or-messages rule into the spec's GenerateRequest.
+
+    marshmallow fields cannot carry limits that come from the app's config, nor "exactly one of".
+    """
+    schema = spec.components.schemas["GenerateRequest"]
+    properties = schema["properties"]
+    properties["prompt"].update(minLength=1, maxLength=config["MAX_PROMPT_CHARS"], pattern=r"\S")
+    properties["max_tokens"].update(minimum=1, maximum=config["MAX_NEW_TOKENS"], default=config["DEFAULT_MAX_TOKENS"])
+    properties["top_p"]["exclusiveMinimum"] = True
+    schema["oneOf"] = [{"required": ["prompt"]}, {"required": ["messages"]}]
+    message = spec.components.schemas["Message"]["properties"]["content"]
+    message["maxLength"] = config["MAX_PROMPT_CHARS"]
+    message["description"] = "All messages' contents together may have at most MAX_PROMPT_CHARS characters."

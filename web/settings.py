@@ -16,6 +16,10 @@ MAX_PROMPT_CHARS = 32_000
 """Longest `prompt`, or sum of `messages` contents, in characters."""
 MAX_BODY_BYTES = 1_048_576
 """Largest request body; larger ones get 413."""
+RATE_LIMIT_PER_MINUTE = 600
+"""Submits one API key may make per minute (moving window); 0 turns the limit off."""
+MAX_QUEUED_JOBS = 10_000
+"""Jobs waiting across the queues above which submits get 503; 0 turns the cap off."""
 HEALTH_TIMEOUT = 1.0
 """Seconds the health check waits for Redis and for the engine."""
 
@@ -34,6 +38,8 @@ def config_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
         "TASK_TIME_LIMIT": int(env.get("TASK_TIME_LIMIT", contract.DEFAULT_TASK_TIME_LIMIT)),
         "RESULT_TTL": int(env.get("RESULT_TTL", contract.DEFAULT_RESULT_TTL)),
         "JOB_RETRIES": int(env.get("JOB_RETRIES", contract.DEFAULT_JOB_RETRIES)),
+        "RATE_LIMIT_PER_MINUTE": int(env.get("RATE_LIMIT_PER_MINUTE", RATE_LIMIT_PER_MINUTE)),
+        "MAX_QUEUED_JOBS": int(env.get("MAX_QUEUED_JOBS", MAX_QUEUED_JOBS)),
         "HEALTH_TIMEOUT": float(env.get("HEALTH_TIMEOUT", HEALTH_TIMEOUT)),
         "LOG_DIR": env.get("LOG_DIR") or contract.DEFAULT_LOG_DIR,
         "LOG_LEVEL": env.get("LOG_LEVEL", "INFO").upper(),

@@ -12,7 +12,7 @@ from rq import Callback, Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
-from web.errors import TaskNotFound
+from web.errors import QueueFull, TaskNotFound
 from worker import contract
 
 _TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -29,9 +29,25 @@ def redis_connection() -> Redis:
     return current_app.extensions["redis"]
 
 
+def queued_jobs(connection: Redis) -> int:
+    """Count the jobs waiting in every queue, read in one transaction."""
+    with connection.pipeline(transaction=True) as pipe:
+        for name in contract.QUEUES:
+            pipe.llen(Queue(name, connection=connection).key)
+        return sum(pipe.execute())
+
+
 def submit(payload: dict[str, Any], owner: str) -> str:
-    """Enqueue a generation job owned by `owner` and return its task id."""
+    """Enqueue a generation job owned by `owner` and return its task id.
+
+    Raises:
+        QueueFull: MAX_QUEUED_JOBS are already waiting. Submits running at the same moment in other
+            gunicorn workers may each pass the check, so the cap can be passed by at most that many.
+    """
     config = current_app.config
+    cap = config["MAX_QUEUED_JOBS"]
+    if cap > 0 and queued_jobs(redis_connection()) >= cap:
+        raise QueueFull(f"{cap} jobs are already waiting; try again later")
     queue = Queue(contract.QUEUE_NORMAL, connection=redis_connection())
     job = queue.enqueue(
         contract.TASK_PATH,

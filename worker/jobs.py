@@ -91,7 +91,7 @@ def on_success(job: Job, connection: Redis, result: dict[str, Any]) -> None:
     metrics = contract.job_metrics(job.enqueued_at, job.started_at, job.ended_at, result)
     request_log.info(
         "task_id={} status=success prompt_tokens={} completion_tokens={} tokens_per_sec={} "
-        "time_to_first_token={}s queue_wait={}s processing_time={}s total_time={}s",
+        "time_to_first_token={}s queue_wait={}s processing_time={}s total_time={}s{}",
         job.id,
         metrics["prompt_tokens"],
         metrics["completion_tokens"],
@@ -100,6 +100,7 @@ def on_success(job: Job, connection: Redis, result: dict[str, Any]) -> None:
         metrics["queue_wait_time"],
         metrics["processing_time"],
         metrics["total_time"],
+        _texts(job, result.get(contract.RESULT_TEXT)),
     )
 
 
@@ -143,14 +144,24 @@ def on_failure(
     logger.error("job {} failed: {}: {}", job.id, error_type, message)
     metrics = contract.job_metrics(job.enqueued_at, job.started_at, job.ended_at, None)
     request_log.info(
-        "task_id={} status=error error_type={} error={!r} queue_wait={}s processing_time={}s total_time={}s",
+        "task_id={} status=error error_type={} error={!r} queue_wait={}s processing_time={}s total_time={}s{}",
         job.id,
         error_type,
         message,
         metrics["queue_wait_time"],
         metrics["processing_time"],
         metrics["total_time"],
+        _texts(job, None),
     )
+
+
+def _texts(job: Job, output: str | None) -> str:
+    """Return the prompt and output for the request log when LOG_PROMPTS is on, else nothing."""
+    if not worker_settings().log_prompts:
+        return ""
+    payload = job.args[0] if job.args else {}
+    prompt = payload.get("prompt", payload.get("messages"))
+    return f" prompt={prompt!r}" + ("" if output is None else f" output={output!r}")
 
 
 def retry_delay(attempt: int) -> int:
