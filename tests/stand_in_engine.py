@@ -7,6 +7,9 @@ reply, and injects faults chosen by the prompt text:
   "stand-in:drop"        send one chunk, then close the connection without finishing
   "stand-in:fail-first=N"  answer 503 to the first N requests with this text, then stream normally
   "stand-in:slow=S"      stream 40 tokens, one every S seconds; `aborted` records texts whose client hung up
+With `ignore_eos` in the request it streams exactly `max_tokens` tokens, `token_delay` seconds apart,
+as a fixed-latency engine of unlimited concurrency for the benchmark:
+  python -m tests.stand_in_engine --port 8101 --token-delay 0.02
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ CONTEXT_ERROR = "This model's maximum context length is 2048 tokens. However, yo
 class StandInEngine:
     """Run the stand-in on 127.0.0.1:`port` in a background thread; `requests` keeps every body received."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, token_delay: float = 0.0, keep_requests: bool = True):
+        self.token_delay = token_delay
+        self.keep_requests = keep_requests
         self.requests: list[dict[str, Any]] = []
         self.healthy = True
         self.aborted: list[str] = []
@@ -64,7 +69,8 @@ def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            engine.requests.append(body)
+            if engine.keep_requests:
+                engine.requests.append(body)
             text = _text_of(body)
             seen = sum(1 for earlier in engine.requests if _text_of(earlier) == text)
             if (match := re.search(r"stand-in:fail-first=(\d+)", text)) and seen <= int(match.group(1)):
@@ -96,16 +102,19 @@ def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Connection", "close")
             self.end_headers()
-            pieces = REPLY[:1] if drop else REPLY
+            reply = [" tok"] * body["max_tokens"] if body.get("ignore_eos") else REPLY
+            pieces = reply[:1] if drop else reply
             for index, piece in enumerate(pieces):
-                finish = "stop" if index == len(REPLY) - 1 else None
+                if engine.token_delay:
+                    time.sleep(engine.token_delay)
+                finish = ("length" if body.get("ignore_eos") else "stop") if index == len(reply) - 1 else None
                 choice = {"index": 0, "finish_reason": finish}
                 choice.update({"delta": {"content": piece}} if chat else {"text": piece})
                 self._event({"choices": [choice]})
             if drop:
                 self.close_connection = True
                 return
-            usage = {"prompt_tokens": len(_text_of(body).split()), "completion_tokens": len(REPLY)}
+            usage = {"prompt_tokens": len(_text_of(body).split()), "completion_tokens": len(reply)}
             self._event({"choices": [], "usage": usage})
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
@@ -132,3 +141,23 @@ def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
             self.wfile.flush()
 
     return Handler
+
+
+def main() -> None:
+    """Serve the stand-in until interrupted."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Stand-in OpenAI-compatible engine (not vLLM).")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between streamed tokens")
+    args = parser.parse_args()
+    engine = StandInEngine(args.port, token_delay=args.token_delay, keep_requests=False)
+    print(f"stand-in engine on {engine.url}, {args.token_delay} s per token", flush=True)
+    try:
+        engine.server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

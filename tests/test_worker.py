@@ -185,3 +185,12 @@ def test_timeout_closes_the_engine_stream(app_config, redis_conn, worker_env, st
     body = finish(client, redis_conn, submit(client, prompt=prompt))
     assert_failed(body, "timeout")
     wait_until(lambda: prompt in stand_in.aborted, 3, "the engine to see the request aborted")
+
+
+def test_ignore_eos_is_forwarded_for_fixed_length_output(client, redis_conn, worker_env, stand_in):
+    prompt = f"fixed length {uuid.uuid4()}"
+    body = finish(client, redis_conn, submit(client, prompt=prompt, max_tokens=5, ignore_eos=True))
+    assert body["status"] == "completed"
+    assert body["result"] == " tok" * 5
+    assert body["metrics"]["completion_tokens"] == 5
+    assert stand_in.requests[-1]["ignore_eos"] is True

@@ -52,6 +52,10 @@ class GenerateRequestSchema(Schema):
         validate=validate.Length(max=8),
     )
     seed = fields.Integer(strict=True, load_default=None, allow_none=True)
+    ignore_eos = fields.Boolean(
+        load_default=False,
+        metadata={"description": "Keep generating past end-of-sequence up to max_tokens (vLLM); for benchmarks."},
+    )
 
     @validates_schema
     def check_input(self, data: dict[str, Any], **kwargs: Any) -> None:

@@ -46,7 +46,7 @@ ON_FAILURE_PATH = "worker.jobs.on_failure"
 
 # --- Payload (the single argument of the task) -------------------------------------------
 
-PAYLOAD_KEYS = ("prompt", "messages", "max_tokens", "temperature", "top_p", "user_id", "stop", "seed")
+PAYLOAD_KEYS = ("prompt", "messages", "max_tokens", "temperature", "top_p", "user_id", "stop", "seed", "ignore_eos")
 """Keys of the payload dict; `prompt` xor `messages` is set, the rest are sampling options."""
 
 # --- Result (the task's return value) ----------------------------------------------------

@@ -45,6 +45,8 @@ def build_request(payload: Mapping[str, Any], model: str) -> tuple[str, dict[str
     body.update({key: payload[key] for key in _OPTIONAL_FIELDS if payload.get(key) is not None})
     if payload.get("user_id"):
         body["user"] = payload["user_id"]
+    if payload.get("ignore_eos"):
+        body["ignore_eos"] = True
     if payload.get("messages"):
         return CHAT_COMPLETIONS_PATH, {**body, "messages": payload["messages"]}
     return COMPLETIONS_PATH, {**body, "prompt": payload["prompt"]}
