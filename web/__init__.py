@@ -13,7 +13,7 @@ from redis.retry import Retry
 from web import errors
 from web.api import Api
 from web.limits import init_limits
-from web.schemas import document_request_limits
+from web.schemas import MAX_RESULT_WAIT, document_request_limits
 from web.settings import config_from_env
 from worker import contract
 
@@ -46,6 +46,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         socket_timeout=1.0,
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
+    )
+    # Long polls (/result?wait=N) block on Redis: they get connections whose reads may last that long.
+    app.extensions["redis_blocking"] = Redis.from_url(
+        app.config["REDIS_URL"], socket_connect_timeout=0.5, socket_timeout=MAX_RESULT_WAIT + 5
     )
     init_limits(app)
     api = Api(app)

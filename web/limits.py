@@ -30,6 +30,7 @@ limiter = Limiter(
 
 
 def init_limits(app: Flask) -> None:
-    """Keep the limiter's counters in the service's Redis."""
+    """Keep the limiter's counters in the service's Redis; switch it off entirely when the limit is 0."""
     app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"])
+    app.config.setdefault("RATELIMIT_ENABLED", app.config["RATE_LIMIT_PER_MINUTE"] > 0)
     limiter.init_app(app)

@@ -9,6 +9,8 @@ from marshmallow import Schema, ValidationError, fields, post_load, validate, va
 
 from worker import contract
 
+MAX_RESULT_WAIT = 30
+"""Longest long-poll on /result, in seconds."""
 STATUSES = [
     contract.STATUS_QUEUED,
     contract.STATUS_PROCESSING,
@@ -79,6 +81,14 @@ class GenerateRequestSchema(Schema):
         """Apply the configured default for `max_tokens`."""
         data.setdefault("max_tokens", current_app.config["DEFAULT_MAX_TOKENS"])
         return data
+
+
+class ResultQuerySchema(Schema):
+    wait = fields.Integer(
+        load_default=0,
+        validate=validate.Range(0, MAX_RESULT_WAIT),
+        metadata={"description": f"Seconds to wait for the task to finish before answering (0..{MAX_RESULT_WAIT})."},
+    )
 
 
 class TaskAcceptedSchema(Schema):

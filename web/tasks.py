@@ -45,23 +45,28 @@ def submit(payload: dict[str, Any], owner: str) -> str:
             gunicorn workers may each pass the check, so the cap can be passed by at most that many.
     """
     config = current_app.config
+    connection = redis_connection()
     cap = config["MAX_QUEUED_JOBS"]
-    if cap > 0 and queued_jobs(redis_connection()) >= cap:
+    if cap > 0 and queued_jobs(connection) >= cap:
         raise QueueFull(f"{cap} jobs are already waiting; try again later")
-    queue = Queue(contract.QUEUE_NORMAL, connection=redis_connection())
-    job = queue.enqueue(
-        contract.TASK_PATH,
-        payload,
-        job_id=str(uuid.uuid4()),
-        job_timeout=config["TASK_TIME_LIMIT"],
-        result_ttl=config["RESULT_TTL"],
-        failure_ttl=config["RESULT_TTL"],
-        meta={contract.META_OWNER: owner, contract.META_MAX_ATTEMPTS: config["JOB_RETRIES"] + 1},
-        retry=Retry(max=config["JOB_RETRIES"]) if config["JOB_RETRIES"] > 0 else None,
-        on_success=Callback(contract.ON_SUCCESS_PATH),
-        on_failure=Callback(contract.ON_FAILURE_PATH),
-        description=f"generate max_tokens={payload['max_tokens']}",
-    )
+    queue = Queue(contract.QUEUE_NORMAL, connection=connection)
+    # One round trip: RQ adds the job's writes to our pipeline, sent as one transaction.
+    with connection.pipeline() as pipe:
+        job = queue.enqueue(
+            contract.TASK_PATH,
+            payload,
+            job_id=str(uuid.uuid4()),
+            job_timeout=config["TASK_TIME_LIMIT"],
+            result_ttl=config["RESULT_TTL"],
+            failure_ttl=config["RESULT_TTL"],
+            meta={contract.META_OWNER: owner, contract.META_MAX_ATTEMPTS: config["JOB_RETRIES"] + 1},
+            retry=Retry(max=config["JOB_RETRIES"]) if config["JOB_RETRIES"] > 0 else None,
+            on_success=Callback(contract.ON_SUCCESS_PATH),
+            on_failure=Callback(contract.ON_FAILURE_PATH),
+            description=f"generate max_tokens={payload['max_tokens']}",
+            pipeline=pipe,
+        )
+        pipe.execute()
     return job.id
 
 
@@ -75,6 +80,19 @@ def find(task_id: str, owner: str) -> Job:
         raise TaskNotFound(f"no task {task_id}") from None
     if job.meta.get(contract.META_OWNER) != owner:
         raise TaskNotFound(f"no task {task_id}")
+    return job
+
+
+def wait_until_finished(job: Job, seconds: int) -> Job:
+    """Block until the job has its final result (RQ's result stream) or `seconds` pass; return it fresh."""
+    if contract.public_status(job.get_status(refresh=False)) not in (
+        contract.STATUS_QUEUED,
+        contract.STATUS_PROCESSING,
+    ):
+        return job
+    waiting = Job(job.id, connection=current_app.extensions["redis_blocking"])
+    waiting.latest_result(timeout=seconds)
+    job.refresh()
     return job
 
 

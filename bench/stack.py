@@ -1,0 +1,149 @@
+"""Start the service's processes for a benchmark run on free ports, as the Procfile starts them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from redis import Redis
+from rq import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+API_KEY = "bench-key"
+MODEL = "bench-model"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, process: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text()[-3000:] if log else ""
+            raise RuntimeError(f"{what}: process exited with {process.returncode}\n{tail}")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{what}: not ready after {timeout} s")
+
+
+@dataclass
+class Stack:
+    """Processes of one benchmark run; `close` stops them all."""
+
+    workdir: Path
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+        log = self.workdir / f"{name}.log"
+        with log.open("a") as out:
+            process = subprocess.Popen(
+                argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        self.processes.append(process)
+        return process, log
+
+    def redis(self) -> str:
+        """Redis with the Procfile's durability settings (AOF, fsync every second)."""
+        port = free_port()
+        folder = self.workdir / "redis"
+        folder.mkdir(exist_ok=True)
+        argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder),
+                "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]  # fmt: skip
+        process, log = self._start("redis", argv)
+        wait_until(lambda: Redis(port=port).ping(), 20, "redis", process, log)
+        return f"redis://127.0.0.1:{port}/0"
+
+    def vllm(self) -> str:
+        """The real vLLM CPU engine, started by `python -m inference_server`."""
+        port = free_port()
+        env = {"ENGINE_PORT": str(port), "SERVED_MODEL_NAME": MODEL, "LOG_DIR": str(self.workdir / "logs")}
+        process, log = self._start("vllm", [sys.executable, "-m", "inference_server"], env)
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(url + "/health").status_code == 200, 900, "vLLM engine", process, log)
+        return url
+
+    def stand_in(self, token_delay: float) -> str:
+        """The stand-in engine (not vLLM): fixed per-token delay, unlimited concurrency."""
+        port = free_port()
+        argv = [sys.executable, "-m", "tests.stand_in_engine", "--port", str(port), "--token-delay", str(token_delay)]
+        process, log = self._start("stand-in", argv)
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(url + "/health").status_code == 200, 20, "stand-in engine", process, log)
+        return url
+
+    def workers(self, redis_url: str, engine_url: str, count: int) -> subprocess.Popen:
+        """`python -m worker` with `count` workers; returns once they are all registered."""
+        connection = Redis.from_url(redis_url)
+        for stale in Worker.all(connection=connection):
+            stale.register_death()
+        env = self._service_env(redis_url, engine_url) | {"WORKER_CONCURRENCY": str(count)}
+        process, log = self._start(f"workers-{count}", [sys.executable, "-m", "worker"], env)
+        wait_until(lambda: Worker.count(connection=connection) >= count, 120, f"{count} workers", process, log)
+        return process
+
+    def web(self, redis_url: str, engine_url: str, workers: int = 2, threads: int = 48) -> tuple[str, subprocess.Popen]:
+        """gunicorn serving the API, as in the Procfile (threads enough for every long-polling client)."""
+        port = free_port()
+        argv = [str(BIN / "gunicorn"), "--workers", str(workers), "--worker-class", "gthread", "--threads",
+                str(threads), "--bind", f"127.0.0.1:{port}", "--preload", "web:create_app()"]  # fmt: skip
+        process, log = self._start("web", argv, self._service_env(redis_url, engine_url))
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(url + "/").status_code == 200, 30, "gunicorn", process, log)
+        return url, process
+
+    def _service_env(self, redis_url: str, engine_url: str) -> dict[str, str]:
+        return {
+            "REDIS_URL": redis_url,
+            "ENGINE_URL": engine_url,
+            "SERVED_MODEL_NAME": MODEL,
+            "API_KEYS": API_KEY,
+            "LOG_DIR": str(self.workdir / "logs"),
+            # Both limits stay on, so their cost is measured, set high enough not to refuse the load.
+            "RATE_LIMIT_PER_MINUTE": "100000000",
+            "MAX_QUEUED_JOBS": "100000000",
+            "TASK_TIME_LIMIT": "600",
+            "QUEUE_TTL": "3600",
+        }
+
+    def stop(self, process: subprocess.Popen, timeout: float = 30) -> None:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            self.stop(process)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
