@@ -44,15 +44,20 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     pool = stack.workers(redis_url, engine_url, max(LEVELS))
     api_url, web = stack.web(redis_url, engine_url)
     via_api = functools.partial(load.through_api, api_url=api_url, max_tokens=max_tokens, wait=WAIT)
-    run(load.closed_loop(lambda c, i: direct(c, index=i), counts[1], 1))  # warm the engine and its prefix cache
+    run(load.closed_loop(lambda c, i: direct(c, index=i), counts[1], 1))  # warm the engine on the c=1 prompts
     first = 0
     for level in LEVELS:
         print(f"[{engine}] c={level}: {counts[level]} requests direct, then through the queue", flush=True)
-        direct_samples, direct_wall = run(
+        direct_samples, direct_wall, direct_errors = run(
             load.closed_loop(lambda c, i: direct(c, index=i), counts[level], level, first)
         )
-        api_samples, api_wall = run(load.closed_loop(lambda c, i: via_api(c, index=i), counts[level], level, first))
-        entry = {"direct": load.summarize(direct_samples, direct_wall), "queue": load.summarize(api_samples, api_wall)}
+        api_samples, api_wall, api_errors = run(
+            load.closed_loop(lambda c, i: via_api(c, index=i), counts[level], level, first)
+        )
+        entry = {
+            "direct": load.summarize(direct_samples, direct_wall, direct_errors),
+            "queue": load.summarize(api_samples, api_wall, api_errors),
+        }
         entry["queue_vs_direct_throughput"] = round(entry["queue"]["tokens_per_s"] / entry["direct"]["tokens_per_s"], 3)
         entry["added_latency"] = load.added_latency_ms(direct_samples, api_samples)
         out["levels"][level] = entry
@@ -63,8 +68,8 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     print(f"[{engine}] one-at-a-time design (1 worker) at c={ONE_AT_A_TIME_LEVEL}", flush=True)
     pool = stack.workers(redis_url, engine_url, 1)
     count = counts[ONE_AT_A_TIME_LEVEL]
-    samples, wall = run(load.closed_loop(lambda c, i: via_api(c, index=i), count, ONE_AT_A_TIME_LEVEL, first))
-    out["one_at_a_time"] = load.summarize(samples, wall)
+    samples, wall, errors = run(load.closed_loop(lambda c, i: via_api(c, index=i), count, ONE_AT_A_TIME_LEVEL, first))
+    out["one_at_a_time"] = load.summarize(samples, wall, errors)
     out["many_vs_one_at_a_time"] = round(
         out["levels"][ONE_AT_A_TIME_LEVEL]["queue"]["tokens_per_s"] / out["one_at_a_time"]["tokens_per_s"], 2
     )
@@ -79,7 +84,7 @@ def many_jobs(stack: Stack, redis_url: str, engine_url: str) -> dict:
     api_url, web = stack.web(redis_url, engine_url)
     via_api = functools.partial(load.through_api, api_url=api_url, max_tokens=MANY_JOBS_TOKENS, wait=WAIT)
     print(f"[stand-in] {MANY_JOBS} jobs at c=64", flush=True)
-    samples, wall = run(load.closed_loop(lambda c, i: via_api(c, index=i), MANY_JOBS, 64, 10**6))
+    samples, wall, errors = run(load.closed_loop(lambda c, i: via_api(c, index=i), MANY_JOBS, 64, 10**6))
     stack.stop(pool)
     stack.stop(web)
     time.sleep(1)
@@ -90,6 +95,7 @@ def many_jobs(stack: Stack, redis_url: str, engine_url: str) -> dict:
     return {
         "submitted": MANY_JOBS,
         "completed": len(samples),
+        "client_errors": errors[:10],
         "distinct_task_ids": len(ids),
         "wall_s": round(wall, 1),
         "jobs_per_s": round(len(samples) / wall, 1),

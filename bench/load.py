@@ -63,7 +63,10 @@ async def through_api(client: httpx.AsyncClient, api_url: str, index: int, max_t
     submitted.raise_for_status()
     task_id = submitted.json()["task_id"]
     while True:
-        response = await client.get(f"{api_url}/result/{task_id}", params={"wait": wait}, headers=headers)
+        try:
+            response = await client.get(f"{api_url}/result/{task_id}", params={"wait": wait}, headers=headers)
+        except httpx.RemoteProtocolError:
+            continue  # the server closed a kept-alive connection as we reused it; reading again is safe
         if response.status_code == 200:
             break
     result = response.json()
@@ -77,21 +80,28 @@ async def through_api(client: httpx.AsyncClient, api_url: str, index: int, max_t
 
 async def closed_loop(
     request: Callable[[httpx.AsyncClient, int], Awaitable[Sample]], count: int, concurrency: int, first: int = 0
-) -> tuple[list[Sample], float]:
-    """Run `count` requests with `concurrency` clients; return the samples and the wall time."""
+) -> tuple[list[Sample], float, list[str]]:
+    """Run `count` requests with `concurrency` clients; return the samples, the wall time and the errors."""
     pending = iter(range(first, first + count))
     samples: list[Sample] = []
-    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
+    errors: list[str] = []
+    # Idle connections are dropped before gunicorn's 2 s keep-alive would close them under us.
+    limits = httpx.Limits(
+        max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2, keepalive_expiry=1.0
+    )
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(900), limits=limits) as client:
 
         async def client_loop() -> None:
             for index in pending:
-                samples.append(await request(client, index))
+                try:
+                    samples.append(await request(client, index))
+                except (httpx.HTTPError, RuntimeError) as exc:
+                    errors.append(f"request {index}: {exc!r}")
 
         started = time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-        return samples, time.perf_counter() - started
+        return samples, time.perf_counter() - started, errors
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -102,12 +112,13 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[rank]
 
 
-def summarize(samples: list[Sample], wall: float) -> dict[str, float]:
+def summarize(samples: list[Sample], wall: float, errors: list[str]) -> dict[str, float]:
     latencies = [s.latency for s in samples]
     ttfts = [s.ttft for s in samples if s.ttft is not None]
     tokens = sum(s.tokens for s in samples)
     summary = {
         "requests": len(samples),
+        "errors": len(errors),
         "wall_s": round(wall, 3),
         "p50_s": round(percentile(latencies, 50), 4),
         "p90_s": round(percentile(latencies, 90), 4),

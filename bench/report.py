@@ -170,7 +170,7 @@ def write(results: dict, docs: Path) -> None:
         "",
         f"- `POST /generate` at a fixed {at300['rate_per_s']:.0f} requests/s for {at300['requests']} requests: "
         f"p50 {at300['p50_ms']} ms, p99 {at300['p99_ms']} ms, {at300['errors']} not 202.",
-        f"- Highest submit rate (wrk, {top.get('connections')} connections, 2 gunicorn sync workers): "
+        f"- Highest submit rate (wrk, {top.get('connections')} connections, 2 gunicorn gevent workers): "
         f"{top.get('submits_per_s', top.get('error'))}/s, p99 {top.get('p99_ms')} ms, {top.get('non_202')} not 202.",
         "- Trivial jobs per second, 2 worker processes of each class: "
         + ", ".join(f"{name} {rate}/s" for name, rate in service["trivial_jobs_per_s"].items())

@@ -98,11 +98,12 @@ class Stack:
         wait_until(lambda: Worker.count(connection=connection) >= count, 120, f"{count} workers", process, log)
         return process
 
-    def web(self, redis_url: str, engine_url: str, workers: int = 2, threads: int = 48) -> tuple[str, subprocess.Popen]:
-        """gunicorn serving the API, as in the Procfile (threads enough for every long-polling client)."""
+    def web(self, redis_url: str, engine_url: str, workers: int = 2) -> tuple[str, subprocess.Popen]:
+        """gunicorn serving the API, as in the Procfile."""
         port = free_port()
-        argv = [str(BIN / "gunicorn"), "--workers", str(workers), "--worker-class", "gthread", "--threads",
-                str(threads), "--bind", f"127.0.0.1:{port}", "--preload", "web:create_app()"]  # fmt: skip
+        argv = [str(BIN / "gunicorn"), "--workers", str(workers), "--worker-class", "gevent",
+                "--worker-connections", "1000", "--bind", f"127.0.0.1:{port}", "--preload",
+                "web:create_app()"]  # fmt: skip
         process, log = self._start("web", argv, self._service_env(redis_url, engine_url))
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: httpx.get(url + "/").status_code == 200, 30, "gunicorn", process, log)

@@ -193,13 +193,16 @@ def configure_logging(log_dir: str | Path, level: str = "INFO") -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     logger.remove()
     logger.configure(extra={"request_log": False})
+    # loguru's queue thread deadlocks once gevent has patched threading (a gevent gunicorn worker without
+    # --preload): such a process writes to the files itself.
+    enqueue = not _gevent_patched()
     # diagnose=False: tracebacks never show variable values, which may hold prompts or keys.
-    common = {"rotation": LOG_ROTATION, "retention": LOG_RETENTION, "enqueue": True, "diagnose": False}
+    common = {"rotation": LOG_ROTATION, "retention": LOG_RETENTION, "enqueue": enqueue, "diagnose": False}
 
     def not_request(record: Any) -> bool:
         return not record["extra"]["request_log"]
 
-    logger.add(sys.stderr, level=level, filter=not_request, enqueue=True, diagnose=False)
+    logger.add(sys.stderr, level=level, filter=not_request, enqueue=enqueue, diagnose=False)
     logger.add(log_dir / "app.log", level=level, filter=not_request, **common)
     logger.add(log_dir / "errors.log", level="ERROR", backtrace=True, **common)
     logger.add(
@@ -209,3 +212,8 @@ def configure_logging(log_dir: str | Path, level: str = "INFO") -> None:
         **common,
     )
     logging.basicConfig(handlers=[_InterceptHandler()], level=0, force=True)
+
+
+def _gevent_patched() -> bool:
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    return bool(gevent_monkey and gevent_monkey.is_module_patched("threading"))

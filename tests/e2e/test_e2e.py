@@ -26,14 +26,16 @@ def submit(service: Service, body: dict) -> str:
 
 
 def wait_result(service: Service, task_id: str, timeout: float = 180) -> dict:
-    """Poll /result as a client would, until the task is finished."""
+    """Long-poll /result as a client would, until the task is finished."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        response = httpx.get(f"{service.url}/result/{task_id}", headers=service.headers, timeout=5)
+        # Long poll, as gunicorn serves it in the Procfile (gevent workers).
+        response = httpx.get(
+            f"{service.url}/result/{task_id}", params={"wait": 10}, headers=service.headers, timeout=15
+        )
         if response.status_code == 200:
             return response.json()
         assert response.status_code == 202, response.text
-        time.sleep(0.2)
     pytest.fail(f"task {task_id} not finished after {timeout} s")
 
 

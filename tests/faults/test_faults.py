@@ -213,7 +213,8 @@ def test_gunicorn_reload_loses_no_submitted_job(fault_redis_url, fault_conn, sta
     gunicorn = str(Path(sys.executable).parent / "gunicorn")
     with (tmp_path / "gunicorn.out").open("w") as out:
         server = subprocess.Popen(
-            [gunicorn, "--workers", "2", "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "10", "web:create_app()"],
+            [gunicorn, "--workers", "2", "--worker-class", "gevent", "--bind", f"127.0.0.1:{port}",
+             "--graceful-timeout", "10", "--preload", "web:create_app()"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
