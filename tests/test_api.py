@@ -65,6 +65,8 @@ def test_status_and_result_of_queued_task(client):
         ({"prompt": "hi", "top_p": 1.5}, "top_p"),
         ({"prompt": "hi", "stop": "###"}, "stop"),
         ({"prompt": "hi", "seed": "x"}, "seed"),
+        ({"prompt": "hi", "ignore_eos": 0}, "ignore_eos"),
+        ({"prompt": "hi", "ignore_eos": "yes"}, "ignore_eos"),
         ({"prompt": "hi", "unknown": 1}, "unknown"),
         ({"prompt": "x" * 32_001}, "prompt"),
         (["not", "an", "object"], "body"),

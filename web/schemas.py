@@ -29,6 +29,15 @@ class StrictFloat(fields.Float):
         return super()._validated(value)
 
 
+class StrictBoolean(fields.Boolean):
+    """A JSON true/false only: marshmallow's Boolean would also take 0, 1, "yes"..."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
 class MessageSchema(Schema):
     role = fields.String(required=True, validate=validate.OneOf(["system", "user", "assistant"]))
     content = fields.String(required=True, validate=validate.Length(min=1))
@@ -54,7 +63,7 @@ class GenerateRequestSchema(Schema):
         validate=validate.Length(max=8),
     )
     seed = fields.Integer(strict=True, load_default=None, allow_none=True)
-    ignore_eos = fields.Boolean(
+    ignore_eos = StrictBoolean(
         load_default=False,
         metadata={"description": "Keep generating past end-of-sequence up to max_tokens (vLLM); for benchmarks."},
     )
