@@ -174,14 +174,14 @@ def test_redis_restart_keeps_every_queued_job(sig, tmp_path, app_config, start_p
     port, folder = free_port(), tmp_path / "redis"
     folder.mkdir()
     redis_process = start_redis(folder, port)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = create_app({**app_config, "REDIS_URL": url}).test_client()
-    ids = [submit(client, f"durable {n}") for n in range(1000)]
-
-    stop(redis_process, sig)
-    restarted_at = time.monotonic()
-    redis_process = start_redis(folder, port)
     try:
+        url = f"redis://127.0.0.1:{port}/0"
+        client = create_app({**app_config, "REDIS_URL": url}).test_client()
+        ids = [submit(client, f"durable {n}") for n in range(1000)]
+
+        stop(redis_process, sig)
+        restarted_at = time.monotonic()
+        redis_process = start_redis(folder, port)
         reload_time = time.monotonic() - restarted_at
         conn = Redis.from_url(url)
         assert Queue(contract.QUEUE_NORMAL, connection=conn).count == 1000
@@ -198,7 +198,8 @@ def test_redis_restart_keeps_every_queued_job(sig, tmp_path, app_config, start_p
         done = [line.split("task_id=")[1].split()[0] for line in lines if "status=success" in line]
         assert sorted(done) == sorted(ids)  # each job exactly once
     finally:
-        stop(redis_process)
+        if redis_process.poll() is None:
+            stop(redis_process)
     name = signal.Signals(sig).name
     MEASURED[f"Redis {name} with 1,000 jobs queued -> all kept"] = (
         f"1000/1000 after restart (reload {reload_time:.1f} s); drained by 4 workers in {drained:.1f} s"
