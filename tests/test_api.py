@@ -171,3 +171,16 @@ def test_index_openapi_and_docs_need_no_key(client):
 def test_unknown_path_and_method_use_the_error_shape(client):
     assert_error_shape(client.get("/nowhere", headers=AUTH), 404, "not_found")
     assert_error_shape(client.get("/generate", headers=AUTH), 405, "method_not_allowed")
+
+
+def test_metrics_needs_a_key_and_counts_jobs_by_state(client, redis_conn):
+    assert_error_shape(client.get("/metrics"), 401, "unauthorized")
+    for _ in range(3):
+        client.post("/generate", json=VALID, headers=AUTH)
+    response = client.get("/metrics", headers=AUTH)
+    assert response.status_code == 200
+    assert response.mimetype == "text/plain"
+    text = response.get_data(as_text=True)
+    assert 'llm_queue_jobs{queue="llm-normal",state="queued"} 3.0' in text
+    assert 'llm_queue_jobs{queue="llm-normal",state="failed"} 0.0' in text
+    assert "llm_queue_workers 0.0" in text

@@ -223,3 +223,12 @@ def test_result_wait_gives_up_after_the_wait(client, redis_conn):
     assert response.status_code == 202
     assert 1 <= time.monotonic() - started < 3
     assert client.get(f"/result/{task_id}?wait=31", headers=AUTH).status_code == 400
+
+
+def test_metrics_count_finished_and_failed_jobs(client, redis_conn, worker_env):
+    finish(client, redis_conn, submit(client, prompt="ok"))
+    finish(client, redis_conn, submit(client, prompt=f"stand-in:status=400 {uuid.uuid4()}"))
+    text = client.get("/metrics", headers=AUTH).get_data(as_text=True)
+    assert 'llm_queue_jobs{queue="llm-normal",state="finished"} 1.0' in text
+    assert 'llm_queue_jobs{queue="llm-normal",state="failed"} 1.0' in text
+    assert 'llm_queue_jobs{queue="llm-normal",state="queued"} 0.0' in text

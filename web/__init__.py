@@ -20,7 +20,7 @@ from worker import contract
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the API app from the environment, overridden by `test_config`."""
-    from web import health, jobs
+    from web import health, jobs, metrics
 
     app = Flask(__name__)
     app.config.update(config_from_env())
@@ -56,6 +56,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     api.register_blueprint(health.bp)
     api.register_blueprint(jobs.bp)
     document_request_limits(api.spec, app.config)
+    app.register_blueprint(metrics.bp)
     # Swagger UI with its assets served from the installed package: no CDN needed.
     app.register_blueprint(get_swaggerui_blueprint("/docs", "/openapi.json", config={"app_name": "LLM queue"}))
     errors.register_error_handlers(app)
