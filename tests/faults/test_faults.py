@@ -70,14 +70,23 @@ def worker_running(conn: Redis, task_id: str) -> Worker:
     return next(w for w in Worker.all(connection=conn) if w.get_current_job_id() == task_id)
 
 
+def job_in_progress(start_pool, client, conn: Redis, seconds: int):
+    """Start a pool of 2 workers and a job that takes `seconds` at the stand-in; return once it runs.
+
+    Returns:
+        The pool process, the job's prompt, its task id and the worker running it.
+    """
+    pool = start_pool(concurrency=2)
+    prompt = f"stand-in:sleep={seconds} {uuid.uuid4()}"
+    task_id = submit(client, prompt)
+    return pool, prompt, task_id, worker_running(conn, task_id)
+
+
 @pytest.mark.timeout(120)
 def test_worker_process_killed_mid_job_is_retried_and_completes_once(
     start_pool, fault_client, fault_conn, fault_logs, stand_in
 ):
-    start_pool(concurrency=2)
-    prompt = f"stand-in:sleep=3 {uuid.uuid4()}"
-    task_id = submit(fault_client, prompt)
-    worker = worker_running(fault_conn, task_id)
+    _, prompt, task_id, worker = job_in_progress(start_pool, fault_client, fault_conn, 3)
     killed_at = time.monotonic()
     os.kill(worker.pid, signal.SIGKILL)
 
@@ -91,10 +100,7 @@ def test_worker_process_killed_mid_job_is_retried_and_completes_once(
 
 @pytest.mark.timeout(120)
 def test_whole_pool_killed_job_completes_on_a_new_pool(start_pool, fault_client, fault_conn, fault_logs, stand_in):
-    pool = start_pool(concurrency=2)
-    prompt = f"stand-in:sleep=3 {uuid.uuid4()}"
-    task_id = submit(fault_client, prompt)
-    worker_running(fault_conn, task_id)
+    pool, prompt, task_id, _ = job_in_progress(start_pool, fault_client, fault_conn, 3)
     killed_at = time.monotonic()
     os.killpg(pool.pid, signal.SIGKILL)
     pool.wait(timeout=10)
@@ -111,10 +117,7 @@ def test_whole_pool_killed_job_completes_on_a_new_pool(start_pool, fault_client,
 def test_sigterm_lets_the_running_job_finish_then_the_pool_exits(
     start_pool, fault_client, fault_conn, fault_logs, stand_in
 ):
-    pool = start_pool(concurrency=2)
-    prompt = f"stand-in:sleep=3 {uuid.uuid4()}"
-    task_id = submit(fault_client, prompt)
-    worker_running(fault_conn, task_id)
+    pool, prompt, task_id, _ = job_in_progress(start_pool, fault_client, fault_conn, 3)
     exit_time = stop(pool, signal.SIGTERM, timeout=30)
     assert pool.returncode == 0
     assert status(fault_client, task_id) == "completed"
@@ -126,10 +129,7 @@ def test_sigterm_lets_the_running_job_finish_then_the_pool_exits(
 def test_second_sigterm_is_a_cold_shutdown_and_the_job_is_recovered(
     start_pool, fault_client, fault_conn, fault_logs, stand_in
 ):
-    start_pool(concurrency=2)
-    prompt = f"stand-in:sleep=4 {uuid.uuid4()}"
-    task_id = submit(fault_client, prompt)
-    worker = worker_running(fault_conn, task_id)
+    _, prompt, task_id, worker = job_in_progress(start_pool, fault_client, fault_conn, 4)
     os.kill(worker.pid, signal.SIGTERM)
     time.sleep(1.5)  # RQ ignores a second signal within 1 s as a duplicate
     killed_at = time.monotonic()
