@@ -249,3 +249,23 @@ def _answers(url: str) -> bool:
         return httpx.get(url + "/", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.timeout(120)
+def test_engine_failures_are_retried_after_a_backoff_by_rqs_scheduler(
+    start_pool, fault_client, fault_conn, fault_logs, stand_in
+):
+    start_pool(concurrency=2, ENGINE_RETRY_BACKOFF="1")
+    prompt = f"stand-in:fail-first=2 {uuid.uuid4()}"
+    started = time.monotonic()
+    task_id = submit(fault_client, prompt)
+    wait_until(lambda: "attempt" in fault_client.get(f"/status/{task_id}", headers=AUTH).get_json(), 10, "a retry")
+    waiting = fault_client.get(f"/status/{task_id}", headers=AUTH).get_json()
+    assert waiting["status"] in ("queued", "processing")
+    body = wait_finished(fault_client, task_id, 60)
+    elapsed = time.monotonic() - started
+    assert body["status"] == "completed", body
+    assert body["attempt"] == 3
+    assert elapsed >= 3  # backoff of 1 s, then 2 s
+    assert_completed_once(fault_client, fault_conn, fault_logs, task_id, stand_in, prompt, attempts=3)
+    MEASURED["engine 503 twice, backoff 1 s then 2 s -> completed on attempt 3"] = f"{elapsed:.1f} s after submit"
