@@ -85,10 +85,7 @@ def find(task_id: str, owner: str) -> Job:
 
 def wait_until_finished(job: Job, seconds: int) -> Job:
     """Block until the job has its final result (RQ's result stream) or `seconds` pass; return it fresh."""
-    if contract.public_status(job.get_status(refresh=False)) not in (
-        contract.STATUS_QUEUED,
-        contract.STATUS_PROCESSING,
-    ):
+    if contract.public_status(job.get_status(refresh=False)) not in contract.UNFINISHED_STATUSES:
         return job
     waiting = Job(job.id, connection=current_app.extensions["redis_blocking"])
     waiting.latest_result(timeout=seconds)
