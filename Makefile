@@ -69,5 +69,6 @@ $(MODEL_STAMP): | $(DEPS_STAMP)
 	$(PY) -c "import secrets, pathlib; t = pathlib.Path('.env.sample').read_text(); \
 	t = t.replace('API_KEYS=\n', 'API_KEYS=' + secrets.token_urlsafe(24) + '\n', 1); \
 	t = t.replace('RQ_DASHBOARD_PASSWORD=\n', 'RQ_DASHBOARD_PASSWORD=' + secrets.token_urlsafe(16) + '\n', 1); \
+	t = t.replace('WEBHOOK_SECRET=\n', 'WEBHOOK_SECRET=' + secrets.token_urlsafe(32) + '\n', 1); \
 	pathlib.Path('.env').write_text(t)"
-	@echo "created .env with a random API key and dashboard password (see API_KEYS and RQ_DASHBOARD_PASSWORD)"
+	@echo "created .env with a random API key, dashboard password and webhook secret (API_KEYS, RQ_DASHBOARD_PASSWORD, WEBHOOK_SECRET)"

@@ -37,7 +37,14 @@ def test_status_and_result_of_queued_task(client):
     task_id = client.post("/generate", json=VALID, headers=AUTH).get_json()["task_id"]
     status = client.get(f"/status/{task_id}", headers=AUTH)
     assert status.status_code == 200
-    assert status.get_json() == {"status": "queued", "task_id": task_id, "message": "Task is queued"}
+    # Nothing has completed yet, so there is no throughput to estimate the start from.
+    assert status.get_json() == {
+        "status": "queued",
+        "task_id": task_id,
+        "message": "Task is queued",
+        "queue_position": 0,
+        "estimated_start_seconds": None,
+    }
     result = client.get(f"/result/{task_id}", headers=AUTH)
     assert result.status_code == 202
     assert result.get_json()["status"] == "queued"

@@ -1,4 +1,4 @@
-"""Imports point down: the web app reaches the worker package only through its contract."""
+"""Imports point down: the web app reaches the worker package only through its contract and outcome leaves."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ print(sorted(name for name in sys.modules if name == "worker" or name.startswith
 
 def test_web_imports_no_worker_module_but_the_contract():
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['worker', 'worker.contract']"
+    assert out.stdout.strip() == "['worker', 'worker.contract', 'worker.outcome']"
 
 
 def test_worker_never_imports_web():

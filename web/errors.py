@@ -26,12 +26,27 @@ class QueueFull(Exception):
     """More jobs are waiting than MAX_QUEUED_JOBS allows."""
 
 
+class InvalidHeader(Exception):
+    """A request header the API reads has a value it cannot use."""
+
+
+class AlreadyFinished(Exception):
+    """The task has already ended; it cannot be cancelled."""
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+
 # Exception -> (HTTP status, error_type). The only place exceptions become statuses.
 ERROR_MAP: dict[type[BaseException], tuple[int, str]] = {
     Unauthorized: (401, "unauthorized"),
     TaskNotFound: (404, "not_found"),
     ServiceMisconfigured: (503, "misconfigured"),
     QueueFull: (503, "queue_full"),
+    InvalidHeader: (400, "validation_error"),
+    AlreadyFinished: (409, "already_finished"),
+    IdempotencyConflict: (409, "idempotency_conflict"),
     RateLimitExceeded: (429, "rate_limited"),
     redis.exceptions.ConnectionError: (503, "queue_unavailable"),
     redis.exceptions.TimeoutError: (503, "queue_unavailable"),

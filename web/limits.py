@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from flask import Flask, current_app, request
 from flask_limiter import Limiter
 
@@ -34,3 +36,13 @@ def init_limits(app: Flask) -> None:
     app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"])
     app.config.setdefault("RATELIMIT_ENABLED", app.config["RATE_LIMIT_PER_MINUTE"] > 0)
     limiter.init_app(app)
+
+
+def batch_cost() -> int:
+    """A batch counts as one submit per request it carries."""
+    try:
+        body = json.loads(request.get_data(cache=True) or b"null")
+    except ValueError:
+        return 1
+    requests = body.get("requests") if isinstance(body, dict) else None
+    return max(len(requests), 1) if isinstance(requests, list) else 1

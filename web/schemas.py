@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import current_app
@@ -67,6 +68,23 @@ class GenerateRequestSchema(Schema):
         load_default=False,
         metadata={"description": "Keep generating past end-of-sequence up to max_tokens (vLLM); for benchmarks."},
     )
+    priority = fields.String(
+        load_default=contract.DEFAULT_PRIORITY,
+        validate=validate.OneOf(list(contract.PRIORITY_QUEUES)),
+        metadata={
+            "description": "high jobs start before normal ones, normal before low; a job that waited "
+            "PRIORITY_AGING seconds goes ahead of newer higher ones."
+        },
+    )
+    callback_url = fields.String(
+        load_default=None,
+        allow_none=True,
+        validate=validate.Length(max=2048),
+        metadata={
+            "description": "POSTed the result JSON when the task ends, signed with HMAC-SHA256 "
+            "(X-Webhook-Signature). Its host must be in WEBHOOK_ALLOWED_HOSTS."
+        },
+    )
 
     @validates_schema
     def check_input(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -84,12 +102,35 @@ class GenerateRequestSchema(Schema):
         max_tokens = data.get("max_tokens", config["DEFAULT_MAX_TOKENS"])
         if not 1 <= max_tokens <= config["MAX_NEW_TOKENS"]:
             raise ValidationError(f"must be between 1 and {config['MAX_NEW_TOKENS']}", field_name="max_tokens")
+        if data.get("callback_url") is not None:
+            problem = contract.callback_url_problem(
+                data["callback_url"], config["WEBHOOK_ALLOWED_HOSTS"], config["WEBHOOK_ALLOW_PRIVATE"]
+            )
+            if problem is None and not config["WEBHOOK_SECRET_SET"]:
+                problem = "webhooks are not enabled on this service (WEBHOOK_SECRET is empty)"
+            if problem:
+                raise ValidationError(problem, field_name="callback_url")
 
     @post_load
     def fill_defaults(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """Apply the configured default for `max_tokens`."""
         data.setdefault("max_tokens", current_app.config["DEFAULT_MAX_TOKENS"])
         return data
+
+
+class BatchRequestSchema(Schema):
+    requests = fields.List(
+        fields.Nested(GenerateRequestSchema),
+        required=True,
+        validate=validate.Length(min=1),
+        metadata={"description": "1..MAX_BATCH generation requests; one invalid request rejects the batch."},
+    )
+
+    @validates_schema
+    def check_size(self, data: dict[str, Any], **kwargs: Any) -> None:
+        limit = current_app.config["MAX_BATCH"]
+        if len(data.get("requests") or []) > limit:
+            raise ValidationError(f"at most {limit} requests per batch (MAX_BATCH)", field_name="requests")
 
 
 class ResultQuerySchema(Schema):
@@ -106,12 +147,39 @@ class TaskAcceptedSchema(Schema):
     message = fields.String(required=True)
 
 
+class BatchAcceptedSchema(Schema):
+    status = fields.String(required=True, metadata={"example": contract.STATUS_QUEUED})
+    task_ids = fields.List(fields.String(), required=True, metadata={"description": "In the order of the requests."})
+    message = fields.String(required=True)
+
+
+class WebhookStateSchema(Schema):
+    status = fields.String(
+        required=True, validate=validate.OneOf(["pending", "retrying", "delivered", "failed", "refused"])
+    )
+    attempts = fields.Integer(required=True)
+    last_status_code = fields.Integer(metadata={"description": "HTTP status of the receiver's last answer."})
+    last_error = fields.String()
+
+
 class TaskStatusSchema(Schema):
     status = fields.String(required=True, validate=validate.OneOf(STATUSES))
     task_id = fields.String(required=True)
     message = fields.String(required=True)
     attempt = fields.Integer(metadata={"description": "Attempt the task is on; present once it has been retried."})
     max_attempts = fields.Integer()
+    queue_position = fields.Integer(
+        allow_none=True,
+        metadata={"description": "While queued: jobs that start before this one (0: next). null if not known."},
+    )
+    estimated_start_seconds = fields.Float(
+        allow_none=True,
+        metadata={
+            "description": "While queued: seconds until it should start, from the jobs ahead and the "
+            "throughput of recent jobs; null until jobs have completed."
+        },
+    )
+    webhook = fields.Nested(WebhookStateSchema, metadata={"description": "Present when callback_url was given."})
 
 
 class MetricsSchema(Schema):
@@ -125,7 +193,8 @@ class MetricsSchema(Schema):
 
 
 class TaskResultSchema(TaskStatusSchema):
-    """A finished task: `completed` with result and metrics, or `error` with its type and message."""
+    """A finished task: `completed` with result and metrics, `error` with its type and message, or
+    `cancelled` with the text generated until then and the metrics so far."""
 
     result = fields.String()
     finish_reason = fields.String(allow_none=True)
@@ -173,6 +242,15 @@ def document_request_limits(spec: Any, config: dict[str, Any]) -> None:
     properties["max_tokens"].update(minimum=1, maximum=config["MAX_NEW_TOKENS"], default=config["DEFAULT_MAX_TOKENS"])
     properties["top_p"]["exclusiveMinimum"] = True
     schema["oneOf"] = [{"required": ["prompt"]}, {"required": ["messages"]}]
+    callback = properties["callback_url"]
+    if config["WEBHOOK_ALLOWED_HOSTS"] and config["WEBHOOK_SECRET_SET"]:
+        hosts = "|".join(
+            r"[^/:@]+" + re.escape(host[1:]) if host.startswith("*.") else re.escape(host)
+            for host in config["WEBHOOK_ALLOWED_HOSTS"]
+        )
+        callback.update(format="uri", pattern=rf"^https?://({hosts})(:\d+)?(/[^\s]*)?$")
+    else:
+        callback.update(enum=[None], description="Webhooks are not enabled on this service.")
     message = spec.components.schemas["Message"]["properties"]["content"]
     message["maxLength"] = config["MAX_PROMPT_CHARS"]
     message["description"] = "All messages' contents together may have at most MAX_PROMPT_CHARS characters."

@@ -22,6 +22,10 @@ MAX_QUEUED_JOBS = 10_000
 """Jobs waiting across the queues above which submits get 503; 0 turns the cap off."""
 HEALTH_TIMEOUT = 1.0
 """Seconds the health check waits for Redis and for the engine."""
+MAX_BATCH = 32
+"""Most requests one POST /generate/batch may carry."""
+FAIR_SHARE_SLOTS = 8
+"""Jobs one API key may have queued or running at once; its others wait their turn. 0 turns it off."""
 
 
 def config_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -41,6 +45,12 @@ def config_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
         "RATE_LIMIT_PER_MINUTE": int(env.get("RATE_LIMIT_PER_MINUTE", RATE_LIMIT_PER_MINUTE)),
         "MAX_QUEUED_JOBS": int(env.get("MAX_QUEUED_JOBS", MAX_QUEUED_JOBS)),
         "HEALTH_TIMEOUT": float(env.get("HEALTH_TIMEOUT", HEALTH_TIMEOUT)),
+        "MAX_BATCH": int(env.get("MAX_BATCH", MAX_BATCH)),
+        "FAIR_SHARE_SLOTS": int(env.get("FAIR_SHARE_SLOTS", FAIR_SHARE_SLOTS)),
+        "QUEUE_TTL": int(env.get("QUEUE_TTL", contract.DEFAULT_QUEUE_TTL)),
+        "WEBHOOK_ALLOWED_HOSTS": contract.host_list(env.get("WEBHOOK_ALLOWED_HOSTS", "")),
+        "WEBHOOK_ALLOW_PRIVATE": contract.flag(env.get("WEBHOOK_ALLOW_PRIVATE")),
+        "WEBHOOK_SECRET_SET": bool(env.get("WEBHOOK_SECRET")),
         "LOG_DIR": env.get("LOG_DIR") or contract.DEFAULT_LOG_DIR,
         "LOG_LEVEL": env.get("LOG_LEVEL", "INFO").upper(),
     }

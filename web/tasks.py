@@ -1,28 +1,44 @@
-"""Submitting jobs to RQ and describing them to their owners; the routes stay thin."""
+"""Submitting jobs to RQ, describing them to their owners, cancelling them; the routes stay thin.
+
+Queue layout (all RQ): one queue per priority (llm-high, llm-normal, llm-low), taken in that order
+by the workers, with ageing (worker/runner.py). Fair share between API keys is RQ's own
+`RateLimit(owner, FAIR_SHARE_SLOTS)`: at most that many jobs of one key are in the queues or running;
+its other jobs wait as `rate_limited` (reported as queued) and RQ lets the oldest in as one finishes.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import time
 import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import current_app
 from redis import Redis
 from rq import Callback, Queue, Retry
-from rq.exceptions import NoSuchJobError
-from rq.job import Job
+from rq.command import send_stop_job_command
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.rate_limit import RateLimit, RateLimitRegistry
+from rq.registry import StartedJobRegistry
+from rq.utils import utcformat
+from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
-from web.errors import QueueFull, TaskNotFound
-from worker import contract
+from web.errors import AlreadyFinished, IdempotencyConflict, QueueFull, TaskNotFound
+from worker import contract, outcome
 
 _TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_MESSAGES = {
-    contract.STATUS_QUEUED: "Task is queued",
-    contract.STATUS_PROCESSING: "Task is being processed",
-    contract.STATUS_COMPLETED: "Task completed",
-    contract.STATUS_ERROR: "Task failed",
-    contract.STATUS_CANCELLED: "Task was cancelled",
-}
+_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+CANCEL_WAIT = 3.0
+"""Seconds DELETE waits for a running job's worker to close the engine stream and file it as cancelled."""
+STALE_RESERVATION = 10.0
+"""Seconds after which an Idempotency-Key whose task no longer exists counts as free again."""
+KEEPALIVE = 15
+"""Seconds between SSE keep-alive comments while a task's stream has no new event."""
 
 
 def redis_connection() -> Redis:
@@ -37,37 +53,105 @@ def queued_jobs(connection: Redis) -> int:
         return sum(pipe.execute())
 
 
-def submit(payload: dict[str, Any], owner: str) -> str:
-    """Enqueue a generation job owned by `owner` and return its task id.
+def job_lifetime() -> int:
+    """Seconds a job can live at most: waiting, every attempt, then its result (bounds the side keys' TTL)."""
+    config = current_app.config
+    attempts = config["JOB_RETRIES"] + 1
+    return config["QUEUE_TTL"] + attempts * (config["TASK_TIME_LIMIT"] + 30) + config["RESULT_TTL"]
+
+
+def submit(requests: list[dict[str, Any]], owner: str, task_ids: list[str] | None = None) -> list[str]:
+    """Enqueue one job per request, owned by `owner`; return their task ids in order.
 
     Raises:
-        QueueFull: MAX_QUEUED_JOBS are already waiting. Submits running at the same moment in other
-            gunicorn workers may each pass the check, so the cap can be passed by at most that many.
+        QueueFull: the requests would take the waiting jobs past MAX_QUEUED_JOBS. Submits running at
+            the same moment in other gunicorn workers may each pass the check, so the cap can be
+            passed by at most that many.
     """
     config = current_app.config
     connection = redis_connection()
     cap = config["MAX_QUEUED_JOBS"]
-    if cap > 0 and queued_jobs(connection) >= cap:
+    if cap > 0 and queued_jobs(connection) + len(requests) > cap:
         raise QueueFull(f"{cap} jobs are already waiting; try again later")
-    queue = Queue(contract.QUEUE_NORMAL, connection=connection)
-    # One round trip: RQ adds the job's writes to our pipeline, sent as one transaction.
-    with connection.pipeline() as pipe:
-        job = queue.enqueue(
-            contract.TASK_PATH,
-            payload,
-            job_id=str(uuid.uuid4()),
-            job_timeout=config["TASK_TIME_LIMIT"],
-            result_ttl=config["RESULT_TTL"],
-            failure_ttl=config["RESULT_TTL"],
-            meta={contract.META_OWNER: owner, contract.META_MAX_ATTEMPTS: config["JOB_RETRIES"] + 1},
-            retry=Retry(max=config["JOB_RETRIES"]) if config["JOB_RETRIES"] > 0 else None,
-            on_success=Callback(contract.ON_SUCCESS_PATH),
-            on_failure=Callback(contract.ON_FAILURE_PATH),
-            description=f"generate max_tokens={payload['max_tokens']}",
-            pipeline=pipe,
-        )
+    task_ids = task_ids or [str(uuid.uuid4()) for _ in requests]
+    for request, task_id in zip(requests, task_ids, strict=True):
+        _enqueue(connection, dict(request), owner, task_id)
+    return task_ids
+
+
+def _enqueue(connection: Redis, request: dict[str, Any], owner: str, task_id: str) -> Job:
+    config = current_app.config
+    priority = request.pop("priority", contract.DEFAULT_PRIORITY)
+    callback_url = request.pop("callback_url", None)
+    meta = {
+        contract.META_OWNER: owner,
+        contract.META_MAX_ATTEMPTS: config["JOB_RETRIES"] + 1,
+        contract.META_PRIORITY: priority,
+    }
+    if callback_url:
+        meta[contract.META_CALLBACK_URL] = callback_url
+    slots = config["FAIR_SHARE_SLOTS"]
+    queue = Queue(contract.PRIORITY_QUEUES[priority], connection=connection)
+    options = {
+        "job_id": task_id,
+        "job_timeout": config["TASK_TIME_LIMIT"],
+        "result_ttl": config["RESULT_TTL"],
+        "failure_ttl": config["RESULT_TTL"],
+        "meta": meta,
+        "retry": Retry(max=config["JOB_RETRIES"]) if config["JOB_RETRIES"] > 0 else None,
+        "on_success": Callback(contract.ON_SUCCESS_PATH),
+        "on_failure": Callback(contract.ON_FAILURE_PATH),
+        "description": f"generate max_tokens={request['max_tokens']} priority={priority}",
+    }
+    if slots > 0:
+        # RQ refuses a pipeline for rate-limited jobs: it saves the job, then lets it in if a slot is free.
+        job = queue.enqueue(contract.TASK_PATH, request, rate_limit=RateLimit(owner, slots), **options)
+    else:
+        with connection.pipeline() as pipe:  # one round trip: RQ adds the job's writes to our pipeline
+            job = queue.enqueue(contract.TASK_PATH, request, pipeline=pipe, **options)
+            pipe.execute()
+    with connection.pipeline(transaction=False) as pipe:
+        outcome.publish(pipe, task_id, contract.EVENT_QUEUED, {"position": queue_position(connection, job)})
+        pipe.expire(contract.events_key(task_id), job_lifetime())
         pipe.execute()
-    return job.id
+    return job
+
+
+def fingerprint(body: Any) -> str:
+    """Hash a validated request body; equal bodies (defaults filled in) give equal fingerprints."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def reserve_idempotency_key(owner: str, key: str, body_fingerprint: str, count: int) -> tuple[list[str], bool]:
+    """Claim `key` for this body and return (task ids to use, True); or (earlier task ids, False) on a retry.
+
+    The claim is kept as long as the jobs' results; a claim whose jobs no longer exist is free again.
+
+    Raises:
+        IdempotencyConflict: the key was used with a different body.
+    """
+    connection = redis_connection()
+    name = f"{contract.KEY_PREFIX}idempotency:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+    task_ids = [str(uuid.uuid4()) for _ in range(count)]
+    claim = json.dumps({"fingerprint": body_fingerprint, "task_ids": task_ids, "at": time.time()})
+    if connection.set(name, claim, nx=True, ex=job_lifetime()):
+        return task_ids, True
+    earlier = json.loads(connection.get(name) or "null")
+    if earlier is None:  # expired in between
+        return reserve_idempotency_key(owner, key, body_fingerprint, count)
+    if earlier["fingerprint"] != body_fingerprint:
+        raise IdempotencyConflict("this Idempotency-Key was already used with a different request body")
+    stale = time.time() - earlier["at"] > STALE_RESERVATION
+    if stale and not Job.exists(earlier["task_ids"][0], connection=connection):
+        connection.delete(name)
+        return reserve_idempotency_key(owner, key, body_fingerprint, count)
+    return earlier["task_ids"], False
+
+
+def release_idempotency_key(owner: str, key: str) -> None:
+    """Free a claim whose jobs could not be enqueued, so the client's retry enqueues them."""
+    name = f"{contract.KEY_PREFIX}idempotency:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+    redis_connection().delete(name)
 
 
 def find(task_id: str, owner: str) -> Job:
@@ -84,54 +168,178 @@ def find(task_id: str, owner: str) -> Job:
 
 
 def wait_until_finished(job: Job, seconds: int) -> Job:
-    """Block until the job has its final result (RQ's result stream) or `seconds` pass; return it fresh."""
+    """Block until the job's final event is published or `seconds` pass (reading its event stream)."""
     if contract.public_status(job.get_status(refresh=False)) not in contract.UNFINISHED_STATUSES:
         return job
-    waiting = Job(job.id, connection=current_app.extensions["redis_blocking"])
-    waiting.latest_result(timeout=seconds)
+    blocking = current_app.extensions["redis_blocking"]
+    key = contract.events_key(job.id)
+    last_id, deadline = "0", time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        entries = blocking.xread({key: last_id}, count=100, block=max(int(left * 1000), 1))
+        if not entries:
+            break
+        for entry_id, fields in entries[0][1]:
+            last_id = entry_id
+            if fields[b"event"].decode() in contract.FINAL_EVENTS:
+                deadline = 0
     job.refresh()
     return job
 
 
-def status_of(job: Job) -> dict[str, Any]:
-    """Describe where the job is in its lifecycle, and which attempt it is on once retried."""
-    status = contract.public_status(job.get_status(refresh=False))
-    described = {"status": status, "task_id": job.id, "message": _MESSAGES[status]}
-    attempt = job.meta.get(contract.META_ATTEMPT, 0)
-    retry_reason = job.meta.get(contract.META_RETRY_REASON)
-    if retry_reason:
-        described["attempt"] = attempt + 1 if status == contract.STATUS_QUEUED else attempt
-        described["max_attempts"] = job.meta.get(contract.META_MAX_ATTEMPTS)
-        if status == contract.STATUS_QUEUED:
-            described["message"] = (
-                f"Task is queued again after attempt {attempt} failed ({retry_reason}); "
-                f"attempt {attempt + 1} of {described['max_attempts']} is next"
-            )
-    return described
-
-
 def result_of(job: Job) -> dict[str, Any]:
-    """Describe the job's outcome: result and metrics, error, or its status while unfinished."""
-    described = status_of(job)
-    status = described["status"]
-    if status == contract.STATUS_COMPLETED:
-        result = job.return_value() or {}
-        described["result"] = result.get(contract.RESULT_TEXT, "")
-        described["finish_reason"] = result.get(contract.RESULT_FINISH_REASON)
-        described["metrics"] = contract.job_metrics(job.enqueued_at, job.started_at, job.ended_at, result)
-    elif status == contract.STATUS_ERROR:
-        described.update(_error_of(job))
+    """Describe the job: result and metrics, error, partial text, or its status and place in the queue.
+
+    The worker publishes a job's final event a moment before RQ stores its outcome; in that moment
+    the final event's body is the answer, so a client that saw `completed` on the stream never reads
+    `processing` here.
+    """
+    described = outcome.describe(job)
+    if described["status"] in contract.UNFINISHED_STATUSES:
+        described = _final_body(job.id) or described
+    return _with_extras(job, described)
+
+
+status_of = result_of
+"""`/status` answers like `/result`: the result is small, and the seed's clients ignore extra fields."""
+
+
+def _final_body(task_id: str) -> dict[str, Any] | None:
+    entries = redis_connection().xrevrange(contract.events_key(task_id), count=1)
+    if entries and entries[0][1][b"event"].decode() in contract.FINAL_EVENTS:
+        return json.loads(entries[0][1][b"data"])
+    return None
+
+
+def _with_extras(job: Job, described: dict[str, Any]) -> dict[str, Any]:
+    connection = redis_connection()
+    if described["status"] == contract.STATUS_QUEUED:
+        position = queue_position(connection, job)
+        described["queue_position"] = position
+        described["estimated_start_seconds"] = estimated_start(connection, position)
+    if job.meta.get(contract.META_CALLBACK_URL):
+        webhook = outcome.webhook_state(connection, job.id)
+        if webhook:
+            described["webhook"] = webhook
     return described
 
 
-def _error_of(job: Job) -> dict[str, str]:
-    """Return the failure's type and message as the worker recorded them, or RQ's own record."""
-    error_type = job.meta.get(contract.META_ERROR_TYPE)
-    message = job.meta.get(contract.META_ERROR_MESSAGE)
-    if error_type is None:
-        # The failure callback never ran: the job was stopped, or its worker died mid-job.
-        latest = job.latest_result()
-        error_type = contract.ERROR_STOPPED if job.get_status(refresh=False) == "stopped" else contract.ERROR_INTERNAL
-        message = (latest.exc_string or "").strip().splitlines()[-1:] if latest else []
-        message = message[0] if message else "the job ended without a result"
-    return {"error_type": error_type, "error_message": message}
+def queue_position(connection: Redis, job: Job) -> int | None:
+    """Jobs that start before this one: the higher queues, then those ahead in its own queue.
+
+    A job held back by its key's fair share also waits behind its own key's earlier held-back jobs.
+    None for a job waiting on a retry backoff (RQ's scheduler puts it back in the queue later).
+    """
+    status = job.get_status(refresh=False)
+    if job.origin not in contract.QUEUES or status not in (JobStatus.QUEUED, JobStatus.RATE_LIMITED):
+        return None
+    own = contract.QUEUES.index(job.origin)
+    with connection.pipeline(transaction=False) as pipe:
+        for name in contract.QUEUES[:own]:
+            pipe.llen(Queue(name, connection=connection).key)
+        if status == JobStatus.QUEUED:
+            pipe.lpos(Queue(job.origin, connection=connection).key, job.id)
+        else:
+            pipe.llen(Queue(job.origin, connection=connection).key)
+            pipe.zrank(RateLimitRegistry(job.rate_limit_key, connection=connection).rate_limited_key, job.id)
+        counts = pipe.execute()
+    return sum(count or 0 for count in counts)
+
+
+def estimated_start(connection: Redis, position: int | None) -> float | None:
+    """Seconds until a job with `position` jobs ahead should start, from recent throughput.
+
+    Throughput = engine workers / mean processing time of the last RECENT_JOBS completed jobs; the
+    estimate is (jobs ahead + 1 - free workers) / throughput. None without workers or history.
+    """
+    if position is None:
+        return None
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.lrange(contract.RECENT_PROCESSING_KEY, 0, -1)
+        pipe.scard(WORKERS_BY_QUEUE_KEY % contract.QUEUE_NORMAL)
+        for name in contract.QUEUES:
+            pipe.zcard(StartedJobRegistry(name, connection=connection).key)
+        recent, workers, *running = pipe.execute()
+    if not recent or not workers:
+        return None
+    mean = sum(float(seconds) for seconds in recent) / len(recent)
+    free = max(workers - sum(running), 0)
+    return round(max(position + 1 - free, 0) * mean / workers, 1)
+
+
+def cancel(job: Job) -> tuple[dict[str, Any], int]:
+    """Cancel the caller's job: 200 with the final body once cancelled, 202 if its worker has not yet confirmed.
+
+    A queued job leaves the queue at once; a running one is stopped through RQ's stop-job command
+    (its worker cuts the engine stream and keeps the partial text).
+
+    Raises:
+        AlreadyFinished: the job has already completed, failed or been cancelled.
+    """
+    connection = redis_connection()
+    status = contract.public_status(job.get_status())
+    if status not in contract.UNFINISHED_STATUSES:
+        raise AlreadyFinished(f"task {job.id} is already {status}; there is nothing to cancel")
+    connection.set(contract.cancel_key(job.id), 1, ex=job_lifetime())
+    if job.get_status(refresh=False) == JobStatus.STARTED:
+        _stop_running(connection, job)
+    else:
+        try:
+            job.cancel()  # RQ: out of its queue (or the fair-share wait), into the canceled registry
+        except InvalidJobOperation:
+            pass
+        job.ended_at = datetime.now(UTC)
+        with connection.pipeline() as pipe:
+            pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
+            job.cleanup(ttl=current_app.config["RESULT_TTL"], pipeline=pipe, remove_from_queue=False)
+            pipe.execute()
+        job.refresh()
+        if job.worker_name:  # a worker took it just before: stop that run too
+            _stop_running(connection, job)
+        else:
+            body = outcome.describe(job, status=contract.STATUS_CANCELLED)
+            if outcome.finish(connection, job, body):
+                outcome.log_finished(job, body)
+    job.refresh()
+    described = result_of(job)
+    return described, 200 if described["status"] == contract.STATUS_CANCELLED else 202
+
+
+def _stop_running(connection: Redis, job: Job) -> None:
+    """Ask the job's worker to stop it, then wait up to CANCEL_WAIT seconds for it to be filed as cancelled."""
+    try:
+        send_stop_job_command(connection, job.id)
+    except (InvalidJobOperation, NoSuchJobError):
+        return  # no longer running: it ended, or its worker checks the cancel flag before starting
+    deadline = time.monotonic() + CANCEL_WAIT
+    while time.monotonic() < deadline and job.get_status() == JobStatus.STARTED:
+        time.sleep(0.05)
+
+
+def last_event_id(value: str | None) -> str | None:
+    """Return a valid stream event id (or "0" for none), or None if `value` is not one."""
+    if not value:
+        return "0"
+    return value if _EVENT_ID.match(value) else None
+
+
+def events(task_id: str, after: str) -> Iterator[str]:
+    """Yield the job's events after event id `after` as Server-Sent Events, until its final event.
+
+    Events come from the job's Redis stream, so any web process can serve them, a reconnecting
+    client resumes where it left off, and a finished job replays from the start.
+    """
+    blocking = current_app.extensions["redis_blocking"]
+    key = contract.events_key(task_id)
+    while True:
+        entries = blocking.xread({key: after}, count=100, block=KEEPALIVE * 1000)
+        if not entries:
+            if not blocking.exists(key):
+                return  # the job and its events expired
+            yield ": keep-alive\n\n"
+            continue
+        for entry_id, fields in entries[0][1]:
+            after = entry_id.decode()
+            event = fields[b"event"].decode()
+            yield f"id: {after}\nevent: {event}\ndata: {fields[b'data'].decode()}\n\n"
+            if event in contract.FINAL_EVENTS:
+                return

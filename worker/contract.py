@@ -6,6 +6,7 @@ pulling in the worker's engine client. Web enqueues `TASK_PATH` by its dotted na
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import sys
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from loguru import logger
 
@@ -27,6 +29,8 @@ DEFAULT_TASK_TIME_LIMIT = 120
 DEFAULT_RESULT_TTL = 3600
 """Seconds a finished job (result or error) is kept for clients to fetch."""
 DEFAULT_LOG_DIR = "logs"
+DEFAULT_QUEUE_TTL = 600
+"""Seconds a job may wait in its queue before a worker ends it as error/expired."""
 DEFAULT_JOB_RETRIES = 3
 """Further attempts after a retryable failure (engine down or 5xx, worker died)."""
 
@@ -36,18 +40,25 @@ QUEUE_HIGH = "llm-high"
 QUEUE_NORMAL = "llm-normal"
 QUEUE_LOW = "llm-low"
 QUEUES = (QUEUE_HIGH, QUEUE_NORMAL, QUEUE_LOW)
-"""Queue names in the order workers take from them."""
+"""Queue names in the order workers take from them (a class that waited too long goes first)."""
+PRIORITY_QUEUES = {"high": QUEUE_HIGH, "normal": QUEUE_NORMAL, "low": QUEUE_LOW}
+"""Queue of each `priority` a request may ask for."""
+DEFAULT_PRIORITY = "normal"
+QUEUE_WEBHOOKS = "llm-webhooks"
+"""Webhook deliveries, worked by `python -m worker.webhooks`, never by the engine workers."""
 
 TASK_PATH = "worker.jobs.generate"
 ON_SUCCESS_PATH = "worker.jobs.on_success"
 ON_FAILURE_PATH = "worker.jobs.on_failure"
+DELIVER_WEBHOOK_PATH = "worker.webhooks.deliver"
 # Jobs use RQ's default serializer: every RQ tool (WorkerPool, registries' cleanup, rq CLI,
 # rq-dashboard) reads them without being told otherwise.
 
 # --- Payload (the single argument of the task) -------------------------------------------
 
 PAYLOAD_KEYS = ("prompt", "messages", "max_tokens", "temperature", "top_p", "user_id", "stop", "seed", "ignore_eos")
-"""Keys of the payload dict; `prompt` xor `messages` is set, the rest are sampling options."""
+"""Keys of the payload dict sent to the engine; `prompt` xor `messages` is set, the rest are sampling options.
+Service options (`priority`, `callback_url`) travel in the job's meta, not in the payload."""
 
 # --- Result (the task's return value) ----------------------------------------------------
 
@@ -70,6 +81,46 @@ META_ATTEMPT = "attempt"
 META_MAX_ATTEMPTS = "max_attempts"
 META_RETRY_REASON = "retry_reason"
 """Error type of the failed attempt the job is queued again after."""
+META_PRIORITY = "priority"
+META_CALLBACK_URL = "callback_url"
+META_WEBHOOK = "webhook"
+"""Delivery state of the job's webhook: {"status": pending|delivered|failed, "attempts", "last_error"}."""
+META_PARTIAL = "partial"
+"""What a cancelled job had generated: {"text", "completion_tokens", "time_to_first_token"}."""
+
+# --- Redis keys the service adds beside RQ's own ----------------------------------------
+
+KEY_PREFIX = "llm:"
+
+
+def events_key(task_id: str) -> str:
+    """Redis stream of the job's events (queued, started, token, completed/error/cancelled)."""
+    return f"{KEY_PREFIX}events:{task_id}"
+
+
+def cancel_key(task_id: str) -> str:
+    """Set when the job's owner asked to cancel it; the worker checks it before and while running."""
+    return f"{KEY_PREFIX}cancel:{task_id}"
+
+
+def finished_key(task_id: str) -> str:
+    """Set once the job's final event was published, so it is published (and its webhook sent) once."""
+    return f"{KEY_PREFIX}finished:{task_id}"
+
+
+RECENT_PROCESSING_KEY = f"{KEY_PREFIX}recent-processing"
+"""Processing times (seconds) of the last RECENT_JOBS completed jobs, newest first; feeds the ETA."""
+RECENT_JOBS = 100
+
+# --- Events of a job's stream (GET /stream/<task_id>) -----------------------------------
+
+EVENT_QUEUED = "queued"
+EVENT_STARTED = "started"
+EVENT_TOKEN = "token"
+EVENT_COMPLETED = "completed"
+EVENT_ERROR = "error"
+EVENT_CANCELLED = "cancelled"
+FINAL_EVENTS = (EVENT_COMPLETED, EVENT_ERROR, EVENT_CANCELLED)
 
 # --- Error types reported to clients ----------------------------------------------------
 
@@ -81,6 +132,8 @@ ERROR_INTERNAL = "internal_error"
 ERROR_STOPPED = "stopped"
 ERROR_EXPIRED = "expired"
 ERROR_WORKER_DIED = "worker_died"
+ERROR_CANCELLED = "cancelled"
+"""Not an error clients see: a job that ends this way has status `cancelled`."""
 RETRYABLE_ERRORS = frozenset({ERROR_ENGINE_UNAVAILABLE, ERROR_ENGINE_ERROR, ERROR_WORKER_DIED})
 """Failures worth another attempt; the engine refusing the request or a timeout are final."""
 
@@ -114,6 +167,16 @@ def public_status(rq_status: str) -> str:
     return _RQ_TO_PUBLIC.get(getattr(rq_status, "value", rq_status), STATUS_QUEUED)
 
 
+def flag(value: str | None) -> bool:
+    """Read a boolean setting: 1, true, yes or on (any case) is true."""
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def host_list(value: str) -> list[str]:
+    """Read a comma-separated list of host names (lower-cased, blanks dropped)."""
+    return [host.strip().lower().rstrip(".") for host in value.split(",") if host.strip()]
+
+
 def redis_url(env: Mapping[str, str] = os.environ) -> str:
     """Return `REDIS_URL`, or one built from `REDIS_HOST`/`REDIS_PORT`/`REDIS_DB` if that is unset."""
     if env.get("REDIS_URL"):
@@ -124,6 +187,36 @@ def redis_url(env: Mapping[str, str] = os.environ) -> str:
     return DEFAULT_REDIS_URL
 
 
+def callback_url_problem(url: str, allowed_hosts: list[str], allow_private: bool) -> str | None:
+    """Say why `url` may not be called back, or None if it may (the resolved addresses are checked at delivery).
+
+    `allowed_hosts` holds host names, or `*.domain` for any subdomain; an IP address is allowed only by
+    name and, unless `allow_private`, only if it is a public one.
+    """
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if parsed.username or parsed.password:
+        return "must not carry credentials"
+    host = parsed.hostname.lower().rstrip(".")
+    if not allowed_hosts:
+        return "webhooks are not enabled on this service (WEBHOOK_ALLOWED_HOSTS is empty)"
+    if not any(host == entry or (entry.startswith("*.") and host.endswith(entry[1:])) for entry in allowed_hosts):
+        return f"host {host} is not in WEBHOOK_ALLOWED_HOSTS"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return address_problem(address, allow_private)
+
+
+def address_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_private: bool) -> str | None:
+    """Refuse private, loopback, link-local and other non-public addresses unless `allow_private`."""
+    if allow_private or (address.is_global and not address.is_multicast):
+        return None
+    return f"address {address} is not public (set WEBHOOK_ALLOW_PRIVATE=true to allow it)"
+
+
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     if start is None or end is None:
         return None
@@ -131,12 +224,15 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
 
 
 def job_metrics(
-    enqueued_at: datetime | None,
+    created_at: datetime | None,
     started_at: datetime | None,
     ended_at: datetime | None,
     result: Mapping[str, Any] | None,
 ) -> dict[str, float | int | None]:
     """Compute a job's metrics from RQ's own timestamps and the task's result.
+
+    The wait counts from the submit (RQ's `created_at`): RQ resets `enqueued_at` when a job is
+    retried or let through by the per-key fair share, and the client waited all along.
 
     Returns:
         queue_wait_time, processing_time, total_time (seconds), prompt_tokens, completion_tokens,
@@ -150,9 +246,9 @@ def job_metrics(
     if completion_tokens is not None and processing:
         tokens_per_second = round(completion_tokens / processing, 2)
     return {
-        "queue_wait_time": _round(_seconds(enqueued_at, started_at)),
+        "queue_wait_time": _round(_seconds(created_at, started_at or ended_at)),
         "processing_time": processing,
-        "total_time": _round(_seconds(enqueued_at, ended_at)),
+        "total_time": _round(_seconds(created_at, ended_at)),
         "prompt_tokens": result.get(RESULT_PROMPT_TOKENS),
         "completion_tokens": completion_tokens,
         "tokens_per_second": tokens_per_second,

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from worker.exceptions import (
+    EngineInterrupted,
     EngineProtocolError,
     EngineRejected,
     EngineServerError,
@@ -53,33 +55,65 @@ def build_request(payload: Mapping[str, Any], model: str) -> tuple[str, dict[str
 
 
 class EngineClient:
-    """One keep-alive connection pool to the engine, reused by every job of a worker process."""
+    """One keep-alive connection to the engine, reused by every job of a worker process.
+
+    A worker process runs one job at a time, so one connection is all it needs; `interrupt` (called
+    from another thread when the job is cancelled) shuts that connection down, which ends the read
+    at once even while the engine has sent nothing yet, and the engine aborts the request.
+    """
 
     def __init__(self, base_url: str, model: str, connect_timeout: float, read_timeout: float):
         self.model = model
         timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
-        self._http = httpx.Client(base_url=base_url, timeout=timeout)
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, limits=httpx.Limits(max_connections=1))
+        self._network_stream: Any = None
+        self._interrupted = False
 
-    def generate(self, payload: Mapping[str, Any]) -> Completion:
-        """Send one generation request and read its stream to the end.
+    def generate(self, payload: Mapping[str, Any], on_text: Callable[[str], None] | None = None) -> Completion:
+        """Send one generation request and read its stream to the end, passing each text piece to `on_text`.
 
         Raises:
-            EngineUnavailable, EngineServerError, EngineRejected, EngineTimeout, EngineProtocolError.
+            EngineUnavailable, EngineServerError, EngineRejected, EngineTimeout, EngineProtocolError,
+            EngineInterrupted (after `interrupt`).
         """
         path, body = build_request(payload, self.model)
+        self._interrupted = False
         sent_at = time.monotonic()
         try:
-            with self._http.stream("POST", path, json=body) as response:
+            with self._http.stream("POST", path, json=body, extensions={"trace": self._trace}) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise _status_error(response)
-                return _read_stream(_events(response), sent_at)
-        except httpx.ConnectTimeout as exc:
-            raise EngineUnavailable(f"could not connect to the engine: {exc}") from exc
-        except httpx.TimeoutException as exc:
-            raise EngineTimeout(f"the engine sent nothing for {self._http.timeout.read} s") from exc
-        except httpx.TransportError as exc:
-            raise EngineUnavailable(f"engine connection failed: {exc!r}") from exc
+                return _read_stream(_events(response), sent_at, on_text)
+        except Exception as exc:
+            if self._interrupted:  # whatever the cut-off read raised
+                raise EngineInterrupted("the request was interrupted") from exc
+            if isinstance(exc, httpx.TransportError):
+                raise self._transport_error(exc) from exc
+            raise
+
+    def _transport_error(self, exc: httpx.TransportError) -> Exception:
+        if isinstance(exc, httpx.ConnectTimeout):
+            return EngineUnavailable(f"could not connect to the engine: {exc}")
+        if isinstance(exc, httpx.TimeoutException):
+            return EngineTimeout(f"the engine sent nothing for {self._http.timeout.read} s")
+        return EngineUnavailable(f"engine connection failed: {exc!r}")
+
+    def _trace(self, event: str, info: dict[str, Any]) -> None:
+        """Remember the connection this client opened last (httpcore's trace extension)."""
+        if event == "connection.connect_tcp.complete":
+            self._network_stream = info["return_value"]
+
+    def interrupt(self) -> None:
+        """End the request being read, from another thread; `generate` then raises EngineInterrupted."""
+        self._interrupted = True
+        stream = self._network_stream
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
 
     def is_ready(self, health_path: str) -> bool:
         """Tell whether the engine answers its health check with 200."""
@@ -126,7 +160,9 @@ def _events(response: httpx.Response) -> Iterator[dict[str, Any]]:
     raise EngineUnavailable("engine closed the stream before it finished")
 
 
-def _read_stream(events: Iterator[dict[str, Any]], sent_at: float) -> Completion:
+def _read_stream(
+    events: Iterator[dict[str, Any]], sent_at: float, on_text: Callable[[str], None] | None = None
+) -> Completion:
     """Collect text, finish reason, usage and time to first token from the stream's chunks."""
     parts: list[str] = []
     first_token_at = finish_reason = usage = None
@@ -142,6 +178,8 @@ def _read_stream(events: Iterator[dict[str, Any]], sent_at: float) -> Completion
                 if first_token_at is None:
                     first_token_at = time.monotonic()
                 parts.append(piece)
+                if on_text is not None:
+                    on_text(piece)
             finish_reason = choice.get("finish_reason") or finish_reason
     usage = usage or {}
     return Completion(

@@ -23,3 +23,15 @@ class EngineProtocolError(Exception):
 
 class JobExpired(Exception):
     """The job waited in the queue longer than QUEUE_TTL."""
+
+
+class EngineInterrupted(Exception):
+    """The request to the engine was cut off on purpose (the job was cancelled)."""
+
+
+class JobCancelled(Exception):
+    """The job's owner cancelled it; `partial` holds what was generated until then."""
+
+    def __init__(self, message: str, partial: dict | None = None):
+        super().__init__(message)
+        self.partial = partial or {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -11,14 +12,16 @@ from rq import get_current_job
 from rq.exceptions import AbandonedJobError
 from rq.timeouts import JobTimeoutException
 
-from worker import contract
+from worker import contract, outcome
 from worker.engine import EngineClient
 from worker.exceptions import (
+    EngineInterrupted,
     EngineProtocolError,
     EngineRejected,
     EngineServerError,
     EngineTimeout,
     EngineUnavailable,
+    JobCancelled,
     JobExpired,
 )
 from worker.settings import WorkerSettings
@@ -39,9 +42,9 @@ ERROR_TYPES: dict[type[BaseException], str] = {
     JobExpired: contract.ERROR_EXPIRED,
     AbandonedJobError: contract.ERROR_WORKER_DIED,
     SystemExit: contract.ERROR_WORKER_DIED,  # RQ's cold shutdown raises it inside the running job
+    JobCancelled: contract.ERROR_CANCELLED,
 }
 MAX_RETRY_DELAY = 30  # seconds
-request_log = logger.bind(request_log=True)
 
 
 @cache
@@ -62,11 +65,23 @@ def engine_client() -> EngineClient:
 
 
 def generate(payload: dict[str, Any]) -> dict[str, Any]:
-    """Run one generation on the engine and return its text, finish reason, usage and TTFT."""
+    """Run one generation on the engine, publishing its text as it arrives; return text, finish reason, usage, TTFT.
+
+    Raises:
+        JobCancelled: the owner cancelled the job (before it started, or while the engine streamed).
+    """
     job = get_current_job()
-    if job is not None:
+    if job is None:  # called directly, outside a worker
+        completion = engine_client().generate(payload)
+    else:
         start_attempt(job, worker_settings().queue_ttl)
-    completion = engine_client().generate(payload)
+        tokens = TokenPublisher(job.connection, job.id, worker_settings().stream_flush_interval)
+        try:
+            completion = engine_client().generate(payload, on_text=tokens.add)
+        except EngineInterrupted:
+            tokens.flush()
+            raise JobCancelled("cancelled while running", tokens.partial()) from None
+        tokens.flush()
     return {
         contract.RESULT_TEXT: completion.text,
         contract.RESULT_FINISH_REASON: completion.finish_reason,
@@ -76,10 +91,63 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class TokenPublisher:
+    """Collect the text the engine streams and append it to the job's event stream in batches.
+
+    One `token` event per `interval` seconds at most, so a fast engine costs Redis a few writes
+    per second per job, not one per token.
+    """
+
+    def __init__(self, connection: Redis, task_id: str, interval: float):
+        self.connection = connection
+        self.task_id = task_id
+        self.interval = interval
+        self.parts: list[str] = []
+        self.pieces = 0
+        self.unsent: list[str] = []
+        self.started = time.monotonic()
+        self.first_at: float | None = None
+        self.sent_at = self.started
+
+    def add(self, piece: str) -> None:
+        now = time.monotonic()
+        if self.first_at is None:
+            self.first_at = now
+        self.parts.append(piece)
+        self.unsent.append(piece)
+        self.pieces += 1
+        if now - self.sent_at >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.unsent:
+            outcome.publish(self.connection, self.task_id, contract.EVENT_TOKEN, {"text": "".join(self.unsent)})
+            self.unsent.clear()
+        self.sent_at = time.monotonic()
+
+    def partial(self) -> dict[str, Any]:
+        """What was generated so far: text, pieces received (one token each from vLLM), TTFT."""
+        return {
+            contract.RESULT_TEXT: "".join(self.parts),
+            contract.RESULT_COMPLETION_TOKENS: self.pieces,
+            contract.RESULT_TTFT: None if self.first_at is None else round(self.first_at - self.started, 4),
+        }
+
+
 def start_attempt(job: Job, queue_ttl: int) -> None:
-    """Count this attempt in the job's meta; refuse a job that waited in the queue past `queue_ttl`."""
-    job.meta[contract.META_ATTEMPT] = job.meta.get(contract.META_ATTEMPT, 0) + 1
-    job.save_meta()
+    """Count this attempt, tell the job's stream it started; refuse a cancelled or expired job.
+
+    One round trip: the meta write, the cancel check and the `started` event go in one pipeline.
+    """
+    attempt = job.meta.get(contract.META_ATTEMPT, 0) + 1
+    job.meta[contract.META_ATTEMPT] = attempt
+    with job.connection.pipeline() as pipe:
+        pipe.exists(contract.cancel_key(job.id))
+        pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+        outcome.publish(pipe, job.id, contract.EVENT_STARTED, {"attempt": attempt})
+        cancelled = pipe.execute()[0]
+    if cancelled:
+        raise JobCancelled("cancelled before it started")
     if job.enqueued_at is not None:
         waited = (datetime.now(UTC) - job.enqueued_at).total_seconds()
         if waited > queue_ttl:
@@ -87,21 +155,10 @@ def start_attempt(job: Job, queue_ttl: int) -> None:
 
 
 def on_success(job: Job, connection: Redis, result: dict[str, Any]) -> None:
-    """Write the job's success line to the request log."""
-    metrics = contract.job_metrics(job.enqueued_at, job.started_at, job.ended_at, result)
-    request_log.info(
-        "task_id={} status=success prompt_tokens={} completion_tokens={} tokens_per_sec={} "
-        "time_to_first_token={}s queue_wait={}s processing_time={}s total_time={}s{}",
-        job.id,
-        metrics["prompt_tokens"],
-        metrics["completion_tokens"],
-        metrics["tokens_per_second"],
-        metrics["time_to_first_token"],
-        metrics["queue_wait_time"],
-        metrics["processing_time"],
-        metrics["total_time"],
-        _texts(job, result.get(contract.RESULT_TEXT)),
-    )
+    """Publish the job's final event (and webhook) and write its success line to the request log."""
+    body = outcome.describe(job, status=contract.STATUS_COMPLETED, result=result)
+    outcome.finish(connection, job, body)
+    outcome.log_finished(job, body, _texts(job, result.get(contract.RESULT_TEXT)))
 
 
 def on_failure(
@@ -111,12 +168,22 @@ def on_failure(
     exc_value: BaseException,
     traceback: TracebackType | None,
 ) -> None:
-    """Decide whether a failed attempt is retried; if not, record why the job failed and log it.
+    """Decide whether a failed attempt is retried; if not, record why the job ended and publish it.
 
     Runs before RQ requeues the job, on the same Job object, so setting `retries_left` and
     `retry_intervals` here chooses RQ's next step: final failure, retry after a backoff, or at once.
+    A cancelled job keeps what it generated; the worker then files it as cancelled (runner.py).
     """
     error_type = classify(exc_type)
+    if error_type == contract.ERROR_CANCELLED:
+        job.retries_left = 0
+        job.meta[contract.META_PARTIAL] = getattr(exc_value, "partial", None) or {}
+        job.save_meta()
+        body = outcome.describe(job, status=contract.STATUS_CANCELLED)
+        outcome.finish(connection, job, body)
+        outcome.log_finished(job, body, _texts(job, body["result"]))
+        logger.info("job {} cancelled by its owner ({})", job.id, exc_value)
+        return
     message = str(exc_value) or exc_type.__name__
     if exc_type is JobTimeoutException:
         message = f"generation exceeded the task time limit of {job.timeout} s"
@@ -142,17 +209,9 @@ def on_failure(
     job.save_meta()
     # RQ's exception handler has already written the traceback to the error log.
     logger.error("job {} failed: {}: {}", job.id, error_type, message)
-    metrics = contract.job_metrics(job.enqueued_at, job.started_at, job.ended_at, None)
-    request_log.info(
-        "task_id={} status=error error_type={} error={!r} queue_wait={}s processing_time={}s total_time={}s{}",
-        job.id,
-        error_type,
-        message,
-        metrics["queue_wait_time"],
-        metrics["processing_time"],
-        metrics["total_time"],
-        _texts(job, None),
-    )
+    body = outcome.describe(job, status=contract.STATUS_ERROR)
+    outcome.finish(connection, job, body)
+    outcome.log_finished(job, body, _texts(job, None))
 
 
 def _texts(job: Job, output: str | None) -> str:

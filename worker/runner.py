@@ -6,23 +6,34 @@
   minutes); RQ then retries them (see `worker.jobs.on_failure`).
 - Before taking a job the worker waits until the engine is healthy, so an engine outage leaves jobs
   queued instead of failing them one after another.
+- Priorities: the worker takes from llm-high, llm-normal, llm-low in that order (RQ's default
+  dequeue strategy), except that a lower queue whose oldest job has waited PRIORITY_AGING seconds
+  goes first (ageing), so low is never starved for good.
+- Cancel: RQ's stop-job command reaches `kill_horse`, which cuts the engine stream; the job then
+  ends in RQ's canceled registry with what it had generated (see `worker.jobs.on_failure`).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from loguru import logger
+from rq.exceptions import InvalidJobOperation
 from rq.job import Job
 from rq.queue import Queue
+from rq.registry import CanceledJobRegistry
+from rq.utils import current_timestamp, utcformat, utcparse
 from rq.worker import SimpleWorker, WorkerStatus
 
+from worker import contract
 from worker.jobs import engine_client, worker_settings
 
 ENGINE_POLL_INTERVAL = 1.0  # seconds between engine health checks while it is down
 ENGINE_CHECK_EVERY = 2.0  # seconds a healthy answer is trusted before asking again
+AGING_CHECK_EVERY = 1.0  # seconds the queue order chosen by ageing is kept before looking again
 
 
 class EngineWorker(SimpleWorker):
@@ -34,6 +45,8 @@ class EngineWorker(SimpleWorker):
         super().__init__(*args, **kwargs)
         self.heartbeat_grace = settings.heartbeat_grace
         self._engine_ok_at = 0.0
+        self._ordered_at = 0.0
+        self._priority_order = list(self._ordered_queues)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """Keep a running job alive for one monitoring interval plus a short grace."""
@@ -60,11 +73,68 @@ class EngineWorker(SimpleWorker):
                 logger.warning("heartbeat for job {} failed: {!r}", job.id, exc)
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
-        """Wait for a healthy engine, then take the next job as RQ does."""
+        """Wait for a healthy engine, then take the next job as RQ does, aged queues first."""
         self._wait_for_engine()
         if self._stop_requested:
             return None
+        self._order_queues()
         return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
+    def _order_queues(self) -> None:
+        """Put lower-priority queues whose oldest job waited PRIORITY_AGING seconds first, else keep priority order."""
+        aging = worker_settings().priority_aging
+        if not aging or time.monotonic() - self._ordered_at < AGING_CHECK_EVERY:
+            return
+        self._ordered_at = time.monotonic()
+        lower = self._priority_order[1:]
+        with self.connection.pipeline(transaction=False) as pipe:
+            for queue in lower:
+                pipe.lindex(queue.key, 0)
+            heads = pipe.execute()
+        waiting = [(queue, head) for queue, head in zip(lower, heads, strict=True) if head]
+        with self.connection.pipeline(transaction=False) as pipe:
+            for _, head in waiting:
+                pipe.hget(Job.key_for(head.decode()), "enqueued_at")
+            enqueued = pipe.execute()
+        now = datetime.now(UTC)
+        aged = [
+            queue
+            for (queue, _), at in zip(waiting, enqueued, strict=True)
+            if at and (now - utcparse(at.decode())).total_seconds() >= aging
+        ]
+        self._ordered_queues = aged + [queue for queue in self._priority_order if queue not in aged]
+
+    def kill_horse(self, sig: Any = None) -> None:
+        """Cut the running job's engine stream when RQ's stop-job command asks to stop it (a cancel).
+
+        RQ calls this from the worker's pubsub thread; the job itself runs in this process.
+        """
+        if self._stopped_job_id is not None:
+            engine_client().interrupt()
+
+    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string="", execution=None):
+        """File a cancelled job under RQ's canceled registry, keeping what it generated; others as RQ does."""
+        if contract.META_PARTIAL not in job.meta:
+            return super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+        self._stopped_job_id = None
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            pipe.hset(job.key, "ended_at", utcformat(job.ended_at or datetime.now(UTC)))
+            pipe.execute()
+        try:
+            job.cancel()  # status canceled, canceled registry, frees the owner's fair-share slot
+        except InvalidJobOperation:
+            pass  # the web app cancelled it in the queue just as this worker took it
+        job.cleanup(ttl=worker_settings().result_ttl, remove_from_queue=False)
+        return None
+
+    def run_maintenance_tasks(self) -> None:
+        """RQ's maintenance, plus dropping canceled-registry entries older than RESULT_TTL (RQ never does)."""
+        super().run_maintenance_tasks()
+        horizon = current_timestamp() - worker_settings().result_ttl
+        for queue in self.queues:
+            registry = CanceledJobRegistry(queue.name, connection=self.connection)
+            self.connection.zremrangebyscore(registry.key, "-inf", horizon)
 
     def _wait_for_engine(self) -> None:
         if time.monotonic() - self._engine_ok_at < ENGINE_CHECK_EVERY:

@@ -20,12 +20,10 @@ DEFAULT_WORKER_TTL = 20
 """Seconds a silent worker stays registered; an idle worker wakes every WORKER_TTL - 15 s."""
 DEFAULT_ENGINE_RETRY_BACKOFF = 1
 """Seconds before the first retry after an engine failure; doubles each attempt, at most 30 s."""
-DEFAULT_QUEUE_TTL = 600
-"""Seconds a job may wait in the queue before it ends as error/expired."""
-
-
-def _flag(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+DEFAULT_PRIORITY_AGING = 60
+"""Seconds after which the oldest job of a lower priority class is served before newer higher ones; 0: never."""
+DEFAULT_STREAM_FLUSH_INTERVAL = 0.1
+"""Seconds between `token` events of a running job: the engine's text is published in batches this often."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +41,9 @@ class WorkerSettings:
     worker_ttl: int  # seconds
     engine_retry_backoff: int  # seconds
     queue_ttl: int  # seconds
+    priority_aging: float  # seconds
+    stream_flush_interval: float  # seconds
+    result_ttl: int  # seconds
     log_prompts: bool
     log_dir: str
     log_level: str
@@ -63,8 +64,11 @@ class WorkerSettings:
             maintenance_interval=int(env.get("MAINTENANCE_INTERVAL", DEFAULT_MAINTENANCE_INTERVAL)),
             worker_ttl=int(env.get("WORKER_TTL", DEFAULT_WORKER_TTL)),
             engine_retry_backoff=int(env.get("ENGINE_RETRY_BACKOFF", DEFAULT_ENGINE_RETRY_BACKOFF)),
-            queue_ttl=int(env.get("QUEUE_TTL", DEFAULT_QUEUE_TTL)),
-            log_prompts=_flag(env.get("LOG_PROMPTS")),
+            queue_ttl=int(env.get("QUEUE_TTL", contract.DEFAULT_QUEUE_TTL)),
+            priority_aging=float(env.get("PRIORITY_AGING", DEFAULT_PRIORITY_AGING)),
+            stream_flush_interval=float(env.get("STREAM_FLUSH_INTERVAL", DEFAULT_STREAM_FLUSH_INTERVAL)),
+            result_ttl=int(env.get("RESULT_TTL", contract.DEFAULT_RESULT_TTL)),
+            log_prompts=contract.flag(env.get("LOG_PROMPTS")),
             log_dir=env.get("LOG_DIR") or contract.DEFAULT_LOG_DIR,
             log_level=env.get("LOG_LEVEL", "INFO").upper(),
         )
