@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 import uuid
@@ -60,6 +61,29 @@ def job_lifetime() -> int:
     return config["QUEUE_TTL"] + attempts * (config["TASK_TIME_LIMIT"] + 30) + config["RESULT_TTL"]
 
 
+_last_ms = 0
+_sequence = 0
+
+
+def new_task_id() -> str:
+    """Return a UUIDv7 (RFC 9562): ids sort by submit time, to the millisecond and in order within this process.
+
+    RQ orders a key's jobs waiting for a fair-share slot by whole seconds, then by id, so time-ordered
+    ids keep that wait first come, first served.
+    """
+    global _last_ms, _sequence
+    ms = time.time_ns() // 1_000_000
+    if ms <= _last_ms:
+        ms, _sequence = _last_ms, _sequence + 1
+        if _sequence > 0xFFF:  # 4,096 ids in one millisecond: borrow the next one
+            ms, _sequence = ms + 1, 0
+    else:
+        _sequence = 0
+    _last_ms = ms
+    tail = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    return str(uuid.UUID(int=(ms << 80) | (0x7 << 76) | (_sequence << 64) | (0b10 << 62) | tail))
+
+
 def submit(requests: list[dict[str, Any]], owner: str, task_ids: list[str] | None = None) -> list[str]:
     """Enqueue one job per request, owned by `owner`; return their task ids in order.
 
@@ -73,7 +97,7 @@ def submit(requests: list[dict[str, Any]], owner: str, task_ids: list[str] | Non
     cap = config["MAX_QUEUED_JOBS"]
     if cap > 0 and queued_jobs(connection) + len(requests) > cap:
         raise QueueFull(f"{cap} jobs are already waiting; try again later")
-    task_ids = task_ids or [str(uuid.uuid4()) for _ in requests]
+    task_ids = task_ids or [new_task_id() for _ in requests]
     for request, task_id in zip(requests, task_ids, strict=True):
         _enqueue(connection, dict(request), owner, task_id)
     return task_ids
@@ -132,7 +156,7 @@ def reserve_idempotency_key(owner: str, key: str, body_fingerprint: str, count: 
     """
     connection = redis_connection()
     name = f"{contract.KEY_PREFIX}idempotency:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
-    task_ids = [str(uuid.uuid4()) for _ in range(count)]
+    task_ids = [new_task_id() for _ in range(count)]
     claim = json.dumps({"fingerprint": body_fingerprint, "task_ids": task_ids, "at": time.time()})
     if connection.set(name, claim, nx=True, ex=job_lifetime()):
         return task_ids, True

@@ -132,8 +132,6 @@ def finish(connection: Redis, job: Job, body: dict[str, Any]) -> bool:
     callback_url = job.meta.get(contract.META_CALLBACK_URL)
     if callback_url:
         with connection.pipeline() as pipe:
-            pipe.hset(webhook_key(job.id), mapping={"status": "pending", "attempts": 0, "url": callback_url})
-            pipe.expire(webhook_key(job.id), ttl)
             Queue(contract.QUEUE_WEBHOOKS, connection=connection).enqueue(
                 contract.DELIVER_WEBHOOK_PATH,
                 job.id,
@@ -146,6 +144,8 @@ def finish(connection: Redis, job: Job, body: dict[str, Any]) -> bool:
                 description=f"webhook for {job.id}",
                 pipeline=pipe,
             )
+            pipe.hset(webhook_key(job.id), mapping={"status": "pending", "attempts": 0})
+            pipe.expire(webhook_key(job.id), ttl)
             pipe.execute()
     return True
 

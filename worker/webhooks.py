@@ -122,9 +122,9 @@ def deliver(task_id: str, url: str, body: dict[str, Any]) -> int:
         }
         extensions = {"sni_hostname": host} if url.startswith("https:") else {}
         try:
-            response = httpx.post(
-                target, content=data, headers=headers, timeout=settings.timeout, extensions=extensions
-            )
+            # Redirects are not followed: their target would skip the checks above.
+            with httpx.Client(timeout=settings.timeout, follow_redirects=False) as http:
+                response = http.post(target, content=data, headers=headers, extensions=extensions)
         except httpx.HTTPError as exc:
             raise WebhookFailed(f"{type(exc).__name__}: {exc}") from exc
         connection.hset(key, "last_status_code", response.status_code)
