@@ -81,6 +81,7 @@ class EngineClient:
         sent_at = time.monotonic()
         try:
             with self._http.stream("POST", path, json=body, extensions={"trace": self._trace}) as response:
+                self._network_stream = response.extensions.get("network_stream", self._network_stream)
                 if response.status_code >= 400:
                     response.read()
                     raise _status_error(response)
@@ -100,7 +101,11 @@ class EngineClient:
         return EngineUnavailable(f"engine connection failed: {exc!r}")
 
     def _trace(self, event: str, info: dict[str, Any]) -> None:
-        """Remember the connection this client opened last (httpcore's trace extension)."""
+        """Remember the connection this client opened last (httpcore's trace extension).
+
+        Every request of this client passes it, so a kept-alive connection reused by the next
+        generation is known before the engine answers.
+        """
         if event == "connection.connect_tcp.complete":
             self._network_stream = info["return_value"]
 
@@ -118,7 +123,7 @@ class EngineClient:
     def is_ready(self, health_path: str) -> bool:
         """Tell whether the engine answers its health check with 200."""
         try:
-            return self._http.get(health_path, timeout=2.0).status_code == 200
+            return self._http.get(health_path, timeout=2.0, extensions={"trace": self._trace}).status_code == 200
         except httpx.HTTPError:
             return False
 

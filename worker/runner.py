@@ -119,7 +119,11 @@ class EngineWorker(SimpleWorker):
         self._stopped_job_id = None
         with self.connection.pipeline() as pipe:
             self.cleanup_execution(job, pipeline=pipe, execution=execution)
-            pipe.hset(job.key, "ended_at", utcformat(job.ended_at or datetime.now(UTC)))
+            # The times the final event was computed from (RQ stores them so for other outcomes too).
+            times = {"ended_at": utcformat(job.ended_at or datetime.now(UTC))}
+            if job.started_at:
+                times["started_at"] = utcformat(job.started_at)
+            pipe.hset(job.key, mapping=times)
             pipe.execute()
         try:
             job.cancel()  # status canceled, canceled registry, frees the owner's fair-share slot

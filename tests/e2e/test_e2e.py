@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -109,3 +110,58 @@ def test_health_and_rq_info_show_the_running_service(service):
     out = subprocess.run([str(rq), "info", "--url", service.redis_url], capture_output=True, text=True, check=True)
     assert "llm-normal" in out.stdout
     assert f"{E2E_WORKERS} workers" in out.stdout
+
+
+def read_events(response: httpx.Response):
+    """Yield {"id", "event", "data"} for each Server-Sent Event of a streaming response."""
+    fields: dict[str, str] = {}
+    for line in response.iter_lines():
+        if line.startswith(":"):
+            continue
+        if line:
+            name, _, value = line.partition(": ")
+            fields[name] = value
+        elif fields:
+            yield {"id": fields["id"], "event": fields["event"], "data": json.loads(fields["data"])}
+            fields = {}
+
+
+def test_stream_shows_the_real_engine_tokens_live_and_resumes(service):
+    task_id = submit(service, {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 40, "temperature": 0})
+    url = f"{service.url}/stream/{task_id}"
+    with httpx.stream("GET", url, headers=service.headers, timeout=120) as response:
+        assert response.status_code == 200
+        events = list(read_events(response))
+    names = [event["event"] for event in events]
+    assert names[0] == "queued" and "started" in names and names[-1] == "completed"
+    text = "".join(event["data"]["text"] for event in events if event["event"] == "token")
+    assert text == events[-1]["data"]["result"] == wait_result(service, task_id)["result"]
+    assert "Paris" in text
+    with httpx.stream("GET", url, headers={**service.headers, "Last-Event-ID": events[2]["id"]}, timeout=30) as again:
+        assert list(read_events(again)) == events[3:]
+
+
+def test_cancel_closes_the_real_engine_stream_and_keeps_the_partial_text(service):
+    body = {"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True}
+    task_id = submit(service, body)
+    url = f"{service.url}/stream/{task_id}"
+    tokens, final = [], None
+    with httpx.stream("GET", url, headers=service.headers, timeout=120) as response:
+        for event in read_events(response):
+            if event["event"] == "token":
+                tokens.append(event["data"]["text"])
+                if len(tokens) == 5:
+                    sent = time.monotonic()
+                    cancel = httpx.delete(f"{service.url}/jobs/{task_id}", headers=service.headers, timeout=10)
+                    answered = time.monotonic() - sent
+            final = event
+    assert cancel.status_code == 200, cancel.text
+    assert answered < 1.5
+    assert final["event"] == "cancelled"
+    result = cancel.json()
+    assert result == final["data"]
+    assert result["status"] == "cancelled" and result["result"] == "".join(tokens)
+    assert 0 < result["metrics"]["completion_tokens"] < 1000
+    assert httpx.delete(f"{service.url}/jobs/{task_id}", headers=service.headers, timeout=10).status_code == 409
+    connection = Redis.from_url(service.redis_url)
+    assert Job.fetch(task_id, connection=connection).get_status() == "canceled"  # rq-dashboard lists it so
