@@ -127,6 +127,17 @@ def _enqueue(connection: Redis, request: dict[str, Any], owner: str, task_id: st
         "on_failure": Callback(contract.ON_FAILURE_PATH),
         "description": f"generate max_tokens={request['max_tokens']} priority={priority}",
     }
+    # The `queued` event goes first: once the job is in a queue a worker may publish `started` at once.
+    # Its position counts the jobs queued ahead now (a job held back by the fair share waits longer).
+    own = contract.QUEUES.index(queue.name)
+    with connection.pipeline(transaction=False) as pipe:
+        for name in contract.QUEUES[: own + 1]:
+            pipe.llen(Queue(name, connection=connection).key)
+        ahead = sum(pipe.execute())
+    with connection.pipeline(transaction=False) as pipe:
+        outcome.publish(pipe, task_id, contract.EVENT_QUEUED, {"position": ahead})
+        pipe.expire(contract.events_key(task_id), job_lifetime())
+        pipe.execute()
     if slots > 0:
         # RQ refuses a pipeline for rate-limited jobs: it saves the job, then lets it in if a slot is free.
         job = queue.enqueue(contract.TASK_PATH, request, rate_limit=RateLimit(owner, slots), **options)
@@ -134,10 +145,6 @@ def _enqueue(connection: Redis, request: dict[str, Any], owner: str, task_id: st
         with connection.pipeline() as pipe:  # one round trip: RQ adds the job's writes to our pipeline
             job = queue.enqueue(contract.TASK_PATH, request, pipeline=pipe, **options)
             pipe.execute()
-    with connection.pipeline(transaction=False) as pipe:
-        outcome.publish(pipe, task_id, contract.EVENT_QUEUED, {"position": queue_position(connection, job)})
-        pipe.expire(contract.events_key(task_id), job_lifetime())
-        pipe.execute()
     return job
 
 
