@@ -6,7 +6,9 @@ import base64
 
 import pytest
 
+from tests.conftest import KEY
 from web.dashboard import create_dashboard, refusal
+from worker import contract
 
 
 def basic(user: str, password: str) -> dict[str, str]:
@@ -38,3 +40,15 @@ def test_dashboard_page_needs_credentials(redis_url, redis_conn):
     assert b"RQ" in page.data
     queues = client.get("/0/data/queues.json", headers=basic("admin", "s3cret"))
     assert queues.status_code == 200
+
+
+def test_dashboard_lists_cancelled_jobs_as_canceled(redis_url, redis_conn, client):
+    """A job cancelled through the API is in RQ's canceled registry, which rq-dashboard shows."""
+    task_id = client.post("/generate", json={"prompt": "cancel me"}, headers={"X-API-Key": KEY}).get_json()["task_id"]
+    assert client.delete(f"/jobs/{task_id}", headers={"X-API-Key": KEY}).status_code == 200
+    dashboard = create_dashboard({"REDIS_URL": redis_url}).test_client()
+    queues = dashboard.get("/0/data/queues.json").get_json()["queues"]
+    [normal] = [queue for queue in queues if queue["name"] == contract.QUEUE_NORMAL]
+    assert normal["canceled_job_registry_count"] == 1
+    listed = dashboard.get(f"/0/data/jobs/{contract.QUEUE_NORMAL}/canceled/8/asc/1.json").get_json()
+    assert [job["id"] for job in listed["jobs"]] == [task_id]
