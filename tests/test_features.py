@@ -17,10 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from rq import Queue
 from rq.job import Job
-from rq.registry import CanceledJobRegistry
+from rq.registry import CanceledJobRegistry, ScheduledJobRegistry
 from rq.worker import SimpleWorker
 
-from tests.conftest import KEY, OTHER_KEY, free_port, run_worker
+from tests.conftest import KEY, OTHER_KEY, free_port, reset_worker_caches, run_worker
 from web import create_app
 from worker import contract
 
@@ -96,6 +96,23 @@ def test_job_cancelled_as_a_worker_takes_it_never_reaches_the_engine(client, red
     body = client.get(f"/result/{task_id}", headers=AUTH).get_json()
     assert body["status"] == "cancelled"
     assert task_id in CanceledJobRegistry(contract.QUEUE_NORMAL, connection=redis_conn).get_job_ids()
+
+
+def test_cancel_job_waiting_for_its_retry(client, redis_conn, worker_env, monkeypatch, stand_in):
+    """A job whose first attempt failed waits in RQ's scheduled registry; cancelling it ends it there."""
+    monkeypatch.setenv("ENGINE_RETRY_BACKOFF", "30")
+    reset_worker_caches()
+    task_id = submit(client, "stand-in:fail-first=1 retry later")
+    run_worker(redis_conn)  # attempt 1 fails with a 503; the retry is scheduled in 30 s
+    status = client.get(f"/status/{task_id}", headers=AUTH).get_json()
+    assert status["status"] == "queued" and status["attempt"] == 2
+    assert status["queue_position"] is None  # waiting on the backoff, not in a queue
+
+    response = client.delete(f"/jobs/{task_id}", headers=AUTH)
+    assert response.status_code == 200 and response.get_json()["status"] == "cancelled"
+    assert task_id not in ScheduledJobRegistry(contract.QUEUE_NORMAL, connection=redis_conn).get_job_ids()
+    events = parse_sse(client.get(f"/stream/{task_id}", headers=AUTH).get_data(as_text=True))
+    assert [event["event"] for event in events if event["event"] != "token"] == ["queued", "started", "cancelled"]
 
 
 # --- Live output with resume -------------------------------------------------------------------

@@ -311,6 +311,7 @@ def cancel(job: Job) -> tuple[dict[str, Any], int]:
     if status not in contract.UNFINISHED_STATUSES:
         raise AlreadyFinished(f"task {job.id} is already {status}; there is nothing to cancel")
     connection.set(contract.cancel_key(job.id), 1, ex=job_lifetime())
+    started_before = job.started_at
     if job.get_status(refresh=False) == JobStatus.STARTED:
         _stop_running(connection, job)
     else:
@@ -324,7 +325,7 @@ def cancel(job: Job) -> tuple[dict[str, Any], int]:
             job.cleanup(ttl=current_app.config["RESULT_TTL"], pipeline=pipe, remove_from_queue=False)
             pipe.execute()
         job.refresh()
-        if job.worker_name:  # a worker took it just before: stop that run too
+        if job.started_at != started_before:  # a worker started it meanwhile: stop that run too
             _stop_running(connection, job)
         else:
             body = outcome.describe(job, status=contract.STATUS_CANCELLED)
