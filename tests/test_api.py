@@ -182,12 +182,15 @@ def test_unknown_path_and_method_use_the_error_shape(client):
 
 def test_metrics_needs_a_key_and_counts_jobs_by_state(client, redis_conn):
     assert_error_shape(client.get("/metrics"), 401, "unauthorized")
-    for _ in range(3):
-        client.post("/generate", json=VALID, headers=AUTH)
+    ids = [client.post("/generate", json=VALID, headers=AUTH).get_json()["task_id"] for _ in range(11)]
+    client.delete(f"/jobs/{ids[0]}", headers=AUTH)  # its fair-share slot goes to the next job
     response = client.get("/metrics", headers=AUTH)
     assert response.status_code == 200
     assert response.mimetype == "text/plain"
     text = response.get_data(as_text=True)
-    assert 'llm_queue_jobs{queue="llm-normal",state="queued"} 3.0' in text
+    # FAIR_SHARE_SLOTS (8) of the key's jobs are in the queue, the other 2 wait for a slot.
+    assert 'llm_queue_jobs{queue="llm-normal",state="queued"} 8.0' in text
+    assert "llm_queue_fair_share_waiting 2.0" in text
+    assert 'llm_queue_jobs{queue="llm-normal",state="canceled"} 1.0' in text
     assert 'llm_queue_jobs{queue="llm-normal",state="failed"} 0.0' in text
     assert "llm_queue_workers 0.0" in text

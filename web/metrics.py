@@ -10,6 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from redis import Redis
 from rq import Queue, Worker
+from rq.rate_limit import RateLimitRegistry
 
 from web import tasks
 from web.auth import require_api_key
@@ -35,13 +36,23 @@ class QueueCollector:
                 "scheduled": queue.scheduled_job_registry,
                 "finished": queue.finished_job_registry,
                 "failed": queue.failed_job_registry,
+                "canceled": queue.canceled_job_registry,
             }
             for state, registry in registries.items():
                 # No cleanup: a scrape must not act on jobs (RQ's count would sweep abandoned ones).
                 jobs.add_metric([name, state], registry.get_job_count(cleanup=False))
         yield jobs
-        workers = GaugeMetricFamily("llm_queue_workers", "RQ workers registered.")
-        workers.add_metric([], Worker.count(connection=self.connection))
+        waiting = GaugeMetricFamily(
+            "llm_queue_fair_share_waiting", "Jobs held back until their API key has a free fair-share slot."
+        )
+        waiting.add_metric(
+            [], sum(registry.get_rate_limited_job_count() for registry in RateLimitRegistry.all(self.connection))
+        )
+        yield waiting
+        workers = GaugeMetricFamily("llm_queue_workers", "Engine workers registered (webhook workers not counted).")
+        workers.add_metric(
+            [], Worker.count(connection=self.connection, queue=Queue(contract.QUEUE_NORMAL, connection=self.connection))
+        )
         yield workers
 
 
