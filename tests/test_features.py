@@ -236,6 +236,17 @@ def test_one_keys_flood_does_not_starve_another_key(app_config, redis_conn, work
     assert [p for p in prompts if p.startswith("flood")] == [f"flood {n}" for n in range(100)]  # FIFO per key
 
 
+def test_a_keys_high_job_is_not_held_behind_its_own_low_flood(app_config, redis_conn, worker_env, stand_in):
+    client = create_app({**app_config, "FAIR_SHARE_SLOTS": 2}).test_client()
+    for n in range(5):
+        submit(client, f"low {n}", priority="low")
+    high = submit(client, "high", priority="high")
+    assert client.get(f"/status/{high}", headers=AUTH).get_json()["queue_position"] == 0
+    seen = len(stand_in.requests)
+    run_worker(redis_conn)
+    assert engine_prompts(stand_in, seen) == ["high"] + [f"low {n}" for n in range(5)]
+
+
 # --- Idempotent submit -------------------------------------------------------------------------
 
 

@@ -7,7 +7,6 @@ from importlib.metadata import PackageNotFoundError, version
 import httpx
 import redis.exceptions
 from flask import current_app
-from rq import Worker
 
 from web import tasks
 from web.api import Blueprint
@@ -40,7 +39,7 @@ def health():
     connection = tasks.redis_connection()
     try:
         connection.ping()
-        workers = Worker.count(connection=connection)
+        workers = tasks.engine_workers(connection)
         queued = tasks.queued_jobs(connection)
         redis_ok = True
     except redis.exceptions.RedisError:

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from redis import Redis
-from rq import Queue, Worker
+from rq import Queue
 from rq.rate_limit import RateLimitRegistry
 
 from web import tasks
@@ -50,9 +50,7 @@ class QueueCollector:
         )
         yield waiting
         workers = GaugeMetricFamily("llm_queue_workers", "Engine workers registered (webhook workers not counted).")
-        workers.add_metric(
-            [], Worker.count(connection=self.connection, queue=Queue(contract.QUEUE_NORMAL, connection=self.connection))
-        )
+        workers.add_metric([], tasks.engine_workers(self.connection))
         yield workers
 
 

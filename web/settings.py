@@ -25,7 +25,7 @@ HEALTH_TIMEOUT = 1.0
 MAX_BATCH = 32
 """Most requests one POST /generate/batch may carry."""
 FAIR_SHARE_SLOTS = 8
-"""Jobs one API key may have queued or running at once; its others wait their turn. 0 turns it off."""
+"""Jobs one API key may have queued or running at once, per priority; its others wait their turn. 0: off."""
 
 
 def config_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:

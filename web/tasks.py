@@ -2,8 +2,9 @@
 
 Queue layout (all RQ): one queue per priority (llm-high, llm-normal, llm-low), taken in that order
 by the workers, with ageing (worker/runner.py). Fair share between API keys is RQ's own
-`RateLimit(owner, FAIR_SHARE_SLOTS)`: at most that many jobs of one key are in the queues or running;
-its other jobs wait as `rate_limited` (reported as queued) and RQ lets the oldest in as one finishes.
+`RateLimit(owner:priority, FAIR_SHARE_SLOTS)`: at most that many jobs of one key and priority are in the
+queues or running; the others wait as `rate_limited` (reported as queued) and RQ lets the oldest in as
+one finishes.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def queued_jobs(connection: Redis) -> int:
         for name in contract.QUEUES:
             pipe.llen(Queue(name, connection=connection).key)
         return sum(pipe.execute())
+
+
+def engine_workers(connection: Redis) -> int:
+    """Count the registered engine workers (every one listens on llm-normal; webhook workers do not)."""
+    return connection.scard(WORKERS_BY_QUEUE_KEY % contract.QUEUE_NORMAL)
 
 
 def job_lifetime() -> int:
@@ -116,6 +122,8 @@ def _enqueue(connection: Redis, request: dict[str, Any], owner: str, task_id: st
         meta[contract.META_CALLBACK_URL] = callback_url
     slots = config["FAIR_SHARE_SLOTS"]
     queue = Queue(contract.PRIORITY_QUEUES[priority], connection=connection)
+    # Slots per key and priority: a key's high job is not held behind its own earlier low ones.
+    fair_share_key = f"{owner}:{priority}"
     options = {
         "job_id": task_id,
         "job_timeout": config["TASK_TIME_LIMIT"],
@@ -140,7 +148,7 @@ def _enqueue(connection: Redis, request: dict[str, Any], owner: str, task_id: st
         pipe.execute()
     if slots > 0:
         # RQ refuses a pipeline for rate-limited jobs: it saves the job, then lets it in if a slot is free.
-        job = queue.enqueue(contract.TASK_PATH, request, rate_limit=RateLimit(owner, slots), **options)
+        job = queue.enqueue(contract.TASK_PATH, request, rate_limit=RateLimit(fair_share_key, slots), **options)
     else:
         with connection.pipeline() as pipe:  # one round trip: RQ adds the job's writes to our pipeline
             job = queue.enqueue(contract.TASK_PATH, request, pipeline=pipe, **options)
