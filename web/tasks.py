@@ -21,6 +21,7 @@ from typing import Any
 
 from flask import current_app
 from redis import Redis
+from redis.client import Pipeline
 from rq import Callback, Queue, Retry
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
@@ -47,12 +48,17 @@ def redis_connection() -> Redis:
     return current_app.extensions["redis"]
 
 
-def queued_jobs(connection: Redis) -> int:
-    """Count the jobs waiting in every queue, read in one transaction."""
+def queue_lengths(connection: Redis) -> list[int]:
+    """Jobs waiting in each queue, in priority order, read in one transaction."""
     with connection.pipeline(transaction=True) as pipe:
         for name in contract.QUEUES:
             pipe.llen(Queue(name, connection=connection).key)
-        return sum(pipe.execute())
+        return pipe.execute()
+
+
+def queued_jobs(connection: Redis) -> int:
+    """Count the jobs waiting in every queue."""
+    return sum(queue_lengths(connection))
 
 
 def engine_workers(connection: Redis) -> int:
@@ -101,15 +107,23 @@ def submit(requests: list[dict[str, Any]], owner: str, task_ids: list[str] | Non
     config = current_app.config
     connection = redis_connection()
     cap = config["MAX_QUEUED_JOBS"]
-    if cap > 0 and queued_jobs(connection) + len(requests) > cap:
+    lengths = queue_lengths(connection)  # for the cap, and each job's position in its `queued` event
+    if cap > 0 and sum(lengths) + len(requests) > cap:
         raise QueueFull(f"{cap} jobs are already waiting; try again later")
     task_ids = task_ids or [new_task_id() for _ in requests]
     for request, task_id in zip(requests, task_ids, strict=True):
-        _enqueue(connection, dict(request), owner, task_id)
+        own = contract.QUEUES.index(contract.PRIORITY_QUEUES[request.get("priority", contract.DEFAULT_PRIORITY)])
+        _enqueue(connection, dict(request), owner, task_id, ahead=sum(lengths[: own + 1]))
+        lengths[own] += 1
     return task_ids
 
 
-def _enqueue(connection: Redis, request: dict[str, Any], owner: str, task_id: str) -> Job:
+def _enqueue(connection: Redis, request: dict[str, Any], owner: str, task_id: str, ahead: int) -> Job:
+    """Enqueue one job after publishing its `queued` event (`ahead`: jobs queued before it just now).
+
+    The event goes first: once the job is in a queue, a worker may publish `started` at once. A job held
+    back by the fair share waits longer than `ahead` says; `/status` has its live position.
+    """
     config = current_app.config
     priority = request.pop("priority", contract.DEFAULT_PRIORITY)
     callback_url = request.pop("callback_url", None)
@@ -135,25 +149,23 @@ def _enqueue(connection: Redis, request: dict[str, Any], owner: str, task_id: st
         "on_failure": Callback(contract.ON_FAILURE_PATH),
         "description": f"generate max_tokens={request['max_tokens']} priority={priority}",
     }
-    # The `queued` event goes first: once the job is in a queue a worker may publish `started` at once.
-    # Its position counts the jobs queued ahead now (a job held back by the fair share waits longer).
-    own = contract.QUEUES.index(queue.name)
-    with connection.pipeline(transaction=False) as pipe:
-        for name in contract.QUEUES[: own + 1]:
-            pipe.llen(Queue(name, connection=connection).key)
-        ahead = sum(pipe.execute())
-    with connection.pipeline(transaction=False) as pipe:
-        outcome.publish(pipe, task_id, contract.EVENT_QUEUED, {"position": ahead})
-        pipe.expire(contract.events_key(task_id), job_lifetime())
-        pipe.execute()
     if slots > 0:
+        with connection.pipeline(transaction=False) as pipe:
+            _publish_queued(pipe, task_id, ahead)
+            pipe.execute()
         # RQ refuses a pipeline for rate-limited jobs: it saves the job, then lets it in if a slot is free.
         job = queue.enqueue(contract.TASK_PATH, request, rate_limit=RateLimit(fair_share_key, slots), **options)
     else:
-        with connection.pipeline() as pipe:  # one round trip: RQ adds the job's writes to our pipeline
+        with connection.pipeline() as pipe:  # one transaction: RQ's writes of the job and the event
             job = queue.enqueue(contract.TASK_PATH, request, pipeline=pipe, **options)
+            _publish_queued(pipe, task_id, ahead)
             pipe.execute()
     return job
+
+
+def _publish_queued(pipe: Pipeline, task_id: str, ahead: int) -> None:
+    outcome.publish(pipe, task_id, contract.EVENT_QUEUED, {"position": ahead})
+    pipe.expire(contract.events_key(task_id), job_lifetime())
 
 
 def fingerprint(body: Any) -> str:
@@ -207,20 +219,14 @@ def find(task_id: str, owner: str) -> Job:
 
 
 def wait_until_finished(job: Job, seconds: int) -> Job:
-    """Block until the job's final event is published or `seconds` pass (reading its event stream)."""
+    """Block until the job's final event is published or `seconds` pass; return the job fresh.
+
+    It waits on the job's one-entry "finished" stream, so token events do not wake it.
+    """
     if contract.public_status(job.get_status(refresh=False)) not in contract.UNFINISHED_STATUSES:
         return job
     blocking = current_app.extensions["redis_blocking"]
-    key = contract.events_key(job.id)
-    last_id, deadline = "0", time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        entries = blocking.xread({key: last_id}, count=100, block=max(int(left * 1000), 1))
-        if not entries:
-            break
-        for entry_id, fields in entries[0][1]:
-            last_id = entry_id
-            if fields[b"event"].decode() in contract.FINAL_EVENTS:
-                deadline = 0
+    blocking.xread({contract.finished_key(job.id): "0"}, count=1, block=seconds * 1000)
     job.refresh()
     return job
 

@@ -104,7 +104,8 @@ def cancel_key(task_id: str) -> str:
 
 
 def finished_key(task_id: str) -> str:
-    """Set once the job's final event was published, so it is published (and its webhook sent) once."""
+    """A one-entry stream written with the job's final event: it is published (and its webhook sent) once,
+    and long polls block on this stream, which wakes them once, not on every token event."""
     return f"{KEY_PREFIX}finished:{task_id}"
 
 

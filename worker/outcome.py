@@ -94,11 +94,13 @@ def publish(connection: Redis | Pipeline, task_id: str, event: str, data: dict[s
 
 # Publish the final event and keep the stream for as long as the result, once per job: the
 # worker and the web app (cancel) may both try, and an abandoned job's failure callback can run twice.
-# KEYS: events, finished marker, recent processing times. ARGV: event, data, ttl, processing time or "".
+# KEYS: events, finished stream, recent processing times. ARGV: event, data, ttl, processing time or "".
 _FINISH_SCRIPT = """
-if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
+if redis.call('EXISTS', KEYS[2]) == 1 then
     return 0
 end
+redis.call('XADD', KEYS[2], '*', 'event', ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('XADD', KEYS[1], '*', 'event', ARGV[1], 'data', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if ARGV[4] ~= '' then
