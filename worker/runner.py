@@ -25,7 +25,7 @@ from rq.exceptions import InvalidJobOperation
 from rq.job import Job
 from rq.queue import Queue
 from rq.registry import CanceledJobRegistry
-from rq.utils import current_timestamp, utcformat, utcparse
+from rq.utils import current_timestamp, now, utcformat, utcparse
 from rq.worker import SimpleWorker, WorkerStatus
 
 from worker import contract
@@ -34,6 +34,8 @@ from worker.jobs import engine_client, worker_settings
 ENGINE_POLL_INTERVAL = 1.0  # seconds between engine health checks while it is down
 ENGINE_CHECK_EVERY = 2.0  # seconds a healthy answer is trusted before asking again
 AGING_CHECK_EVERY = 1.0  # seconds the queue order chosen by ageing is kept before looking again
+ENGINE_OK_KEY = f"{contract.KEY_PREFIX}engine-ok"  # set for ENGINE_CHECK_EVERY s after a 200 from the engine
+SWEEP_KEY = f"{contract.KEY_PREFIX}sweep"  # held by the worker sweeping the registries this interval
 
 
 class EngineWorker(SimpleWorker):
@@ -96,11 +98,11 @@ class EngineWorker(SimpleWorker):
             for _, head in waiting:
                 pipe.hget(Job.key_for(head.decode()), "enqueued_at")
             enqueued = pipe.execute()
-        now = datetime.now(UTC)
+        current = datetime.now(UTC)
         aged = [
             queue
             for (queue, _), at in zip(waiting, enqueued, strict=True)
-            if at and (now - utcparse(at.decode())).total_seconds() >= aging
+            if at and (current - utcparse(at.decode())).total_seconds() >= aging
         ]
         self._ordered_queues = aged + [queue for queue in self._priority_order if queue not in aged]
 
@@ -132,13 +134,34 @@ class EngineWorker(SimpleWorker):
         job.cleanup(ttl=worker_settings().result_ttl, remove_from_queue=False)
         return None
 
-    def run_maintenance_tasks(self) -> None:
-        """RQ's maintenance, plus dropping canceled-registry entries older than RESULT_TTL (RQ never does)."""
-        super().run_maintenance_tasks()
+    def clean_registries(self) -> None:
+        """Sweep the registries once per MAINTENANCE_INTERVAL for the whole pool, not once per worker.
+
+        RQ has every worker sweep; with 64 workers and a 5 s interval that is 13 sweeps a second. The
+        worker that takes the lock sweeps (RQ's sweep, then canceled entries older than RESULT_TTL,
+        which RQ never drops); the others count the interval as done.
+        """
+        if not self.connection.set(SWEEP_KEY, self.name, nx=True, ex=max(self.maintenance_interval, 1)):
+            self.last_cleaned_at = now()
+            return
+        super().clean_registries()
         horizon = current_timestamp() - worker_settings().result_ttl
         for queue in self.queues:
             registry = CanceledJobRegistry(queue.name, connection=self.connection)
             self.connection.zremrangebyscore(registry.key, "-inf", horizon)
+
+    def _engine_ready(self, health_path: str) -> bool:
+        """Ask the engine's health endpoint, unless another worker of the pool had it answer 200 just now.
+
+        The answer is shared through Redis for ENGINE_CHECK_EVERY seconds: 64 idle workers would
+        otherwise send the engine's API server a dozen health requests a second.
+        """
+        if self.connection.exists(ENGINE_OK_KEY):
+            return True
+        if engine_client().is_ready(health_path):
+            self.connection.set(ENGINE_OK_KEY, 1, px=int(ENGINE_CHECK_EVERY * 1000))
+            return True
+        return False
 
     def _wait_for_engine(self) -> None:
         if time.monotonic() - self._engine_ok_at < ENGINE_CHECK_EVERY:
@@ -146,7 +169,7 @@ class EngineWorker(SimpleWorker):
         settings = worker_settings()
         waiting_since = None
         while not self._stop_requested:
-            if engine_client().is_ready(settings.engine_health_path):
+            if self._engine_ready(settings.engine_health_path):
                 if waiting_since is not None:
                     logger.info("engine is back after {:.0f} s; taking jobs again", time.monotonic() - waiting_since)
                 self._engine_ok_at = time.monotonic()
