@@ -232,3 +232,23 @@ def test_metrics_count_finished_and_failed_jobs(client, redis_conn, worker_env):
     assert 'llm_queue_jobs{queue="llm-normal",state="finished"} 1.0' in text
     assert 'llm_queue_jobs{queue="llm-normal",state="failed"} 1.0' in text
     assert 'llm_queue_jobs{queue="llm-normal",state="queued"} 0.0' in text
+
+
+def test_a_job_that_cannot_reach_the_engine_makes_every_worker_check_it_first(client, redis_conn, worker_env):
+    from rq import Queue
+    from rq.job import Job
+
+    from worker import contract, jobs
+    from worker.exceptions import EngineUnavailable
+    from worker.runner import EngineWorker
+
+    task_id = submit(client, prompt="Say hello")
+    job = Job.fetch(task_id, connection=redis_conn)
+    error = EngineUnavailable("engine connection failed")
+    jobs.on_failure(job, redis_conn, EngineUnavailable, error, None)
+    assert redis_conn.exists(contract.ENGINE_DOWN_KEY)
+
+    worker = EngineWorker([Queue(name, connection=redis_conn) for name in contract.QUEUES], connection=redis_conn)
+    worker._engine_seen = True  # a worker that has taken jobs before still checks the engine now
+    worker._wait_for_engine()  # the stand-in answers its health check: the mark is cleared for the pool
+    assert not redis_conn.exists(contract.ENGINE_DOWN_KEY)

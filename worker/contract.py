@@ -109,6 +109,8 @@ def finished_key(task_id: str) -> str:
     return f"{KEY_PREFIX}finished:{task_id}"
 
 
+ENGINE_DOWN_KEY = f"{KEY_PREFIX}engine-down"
+"""Set when a job could not reach the engine; workers then wait for its health check before taking jobs."""
 RECENT_PROCESSING_KEY = f"{KEY_PREFIX}recent-processing"
 """Processing times (seconds) of the last RECENT_JOBS completed jobs, newest first; feeds the ETA."""
 RECENT_JOBS = 100

@@ -191,6 +191,8 @@ def on_failure(
         message = "the worker running the job died"
     elif exc_type is SystemExit:
         message = "the worker running the job was shut down"
+    if error_type == contract.ERROR_ENGINE_UNAVAILABLE:
+        connection.set(contract.ENGINE_DOWN_KEY, job.id)  # every worker waits for the engine before its next job
     if error_type not in contract.RETRYABLE_ERRORS:
         job.retries_left = 0
     if job.should_retry:

@@ -4,8 +4,9 @@
   seconds, with a short grace, so a worker killed mid-job is noticed in seconds, not minutes.
 - Registries are swept for abandoned jobs every MAINTENANCE_INTERVAL seconds (RQ's default is 10
   minutes); RQ then retries them (see `worker.jobs.on_failure`).
-- Before taking a job the worker waits until the engine is healthy, so an engine outage leaves jobs
-  queued instead of failing them one after another.
+- A worker waits until the engine is healthy before its first job, and whenever a job could not reach
+  the engine (the pool shares that mark in Redis), so an outage leaves jobs queued instead of failing
+  them one after another.
 - Priorities: the worker takes from llm-high, llm-normal, llm-low in that order (RQ's default
   dequeue strategy), except that a lower queue whose oldest job has waited PRIORITY_AGING seconds
   goes first (ageing), so low is never starved for good.
@@ -32,9 +33,7 @@ from worker import contract
 from worker.jobs import engine_client, worker_settings
 
 ENGINE_POLL_INTERVAL = 1.0  # seconds between engine health checks while it is down
-ENGINE_CHECK_EVERY = 2.0  # seconds a healthy answer is trusted before asking again
 AGING_CHECK_EVERY = 1.0  # seconds the queue order chosen by ageing is kept before looking again
-ENGINE_OK_KEY = f"{contract.KEY_PREFIX}engine-ok"  # set for ENGINE_CHECK_EVERY s after a 200 from the engine
 SWEEP_KEY = f"{contract.KEY_PREFIX}sweep"  # held by the worker sweeping the registries this interval
 
 
@@ -46,7 +45,7 @@ class EngineWorker(SimpleWorker):
         kwargs.setdefault("worker_ttl", settings.worker_ttl)
         super().__init__(*args, **kwargs)
         self.heartbeat_grace = settings.heartbeat_grace
-        self._engine_ok_at = 0.0
+        self._engine_seen = False
         self._ordered_at = 0.0
         self._priority_order = list(self._ordered_queues)
 
@@ -150,29 +149,24 @@ class EngineWorker(SimpleWorker):
             registry = CanceledJobRegistry(queue.name, connection=self.connection)
             self.connection.zremrangebyscore(registry.key, "-inf", horizon)
 
-    def _engine_ready(self, health_path: str) -> bool:
-        """Ask the engine's health endpoint, unless another worker of the pool had it answer 200 just now.
-
-        The answer is shared through Redis for ENGINE_CHECK_EVERY seconds: 64 idle workers would
-        otherwise send the engine's API server a dozen health requests a second.
-        """
-        if self.connection.exists(ENGINE_OK_KEY):
-            return True
-        if engine_client().is_ready(health_path):
-            self.connection.set(ENGINE_OK_KEY, 1, px=int(ENGINE_CHECK_EVERY * 1000))
-            return True
-        return False
-
     def _wait_for_engine(self) -> None:
-        if time.monotonic() - self._engine_ok_at < ENGINE_CHECK_EVERY:
+        """Before taking a job, wait for the engine if it is known to be down or this worker has not seen it up.
+
+        The engine is marked down (in Redis, for the whole pool) when a job cannot reach it; the first
+        worker to get a 200 from its health endpoint clears the mark. While it is up, taking a job costs
+        no health request: under load the engine's API server can take seconds to answer one, and
+        workers waiting on it would leave jobs sitting in the queue.
+        """
+        if self._engine_seen and not self.connection.exists(contract.ENGINE_DOWN_KEY):
             return
         settings = worker_settings()
         waiting_since = None
         while not self._stop_requested:
-            if self._engine_ready(settings.engine_health_path):
+            if engine_client().is_ready(settings.engine_health_path):
                 if waiting_since is not None:
                     logger.info("engine is back after {:.0f} s; taking jobs again", time.monotonic() - waiting_since)
-                self._engine_ok_at = time.monotonic()
+                self._engine_seen = True
+                self.connection.delete(contract.ENGINE_DOWN_KEY)
                 return
             if waiting_since is None:
                 waiting_since = time.monotonic()
