@@ -311,6 +311,17 @@ def configure_logging(log_dir: str | Path, level: str = "INFO") -> None:
         **common,
     )
     logging.basicConfig(handlers=[_InterceptHandler()], level=0, force=True)
+    # One request line per engine call and RQ's two "job OK" lines repeat what the request log says, at
+    # a cost per job; RQ's line for each job taken stays in app.log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("rq.worker").addFilter(_not_per_job_success)
+
+
+def _not_per_job_success(record: logging.LogRecord) -> bool:
+    message = str(record.msg)
+    if message.startswith("Successfully completed"):
+        return False
+    return not (message == "Worker %s: %s: %s (%s)" and "Job OK" in str(record.args[2]))
 
 
 def _gevent_patched() -> bool:

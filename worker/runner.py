@@ -33,6 +33,7 @@ from worker import contract
 from worker.jobs import engine_client, worker_settings
 
 ENGINE_POLL_INTERVAL = 1.0  # seconds between engine health checks while it is down
+HEARTBEAT_EVERY = 1.0  # seconds between renewals of an idle or busy worker's registration
 AGING_CHECK_EVERY = 1.0  # seconds the queue order chosen by ageing is kept before looking again
 SWEEP_KEY = f"{contract.KEY_PREFIX}sweep"  # held by the worker sweeping the registries this interval
 
@@ -46,8 +47,22 @@ class EngineWorker(SimpleWorker):
         super().__init__(*args, **kwargs)
         self.heartbeat_grace = settings.heartbeat_grace
         self._engine_seen = False
+        self._beat_at = 0.0
+        self.log_result_lifespan = False  # "result is kept for N seconds" for every job says nothing new
         self._ordered_at = 0.0
         self._priority_order = list(self._ordered_queues)
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """Renew the worker's registration, at most once per HEARTBEAT_EVERY seconds when RQ asks in a row.
+
+        RQ calls this two or three times around every job; the registration lives WORKER_TTL seconds.
+        Calls with a timeout or inside a pipeline (job start) always go through.
+        """
+        if pipeline is None and timeout is None and time.monotonic() - self._beat_at < HEARTBEAT_EVERY:
+            return
+        super().heartbeat(timeout, pipeline)
+        if pipeline is None:
+            self._beat_at = time.monotonic()
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """Keep a running job alive for one monitoring interval plus a short grace."""
