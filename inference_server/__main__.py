@@ -37,7 +37,7 @@ def main(args: list[str]) -> int:
     if args[:1] == ["prepare"]:
         return 0
     argv, env = build_command(settings, model, os.environ)
-    return supervise(argv, env, settings.health_url, settings.start_timeout, settings.nice)
+    return supervise(argv, env, settings.health_url, settings.start_timeout)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ class EngineSettings:
     models_dir: Path
     extra_args: tuple[str, ...]
     log_dir: Path
-    nice: int  # niceness the engine runs at; the cpu profile yields the CPU to the light processes
 
     @property
     def health_url(self) -> str:
@@ -67,14 +66,7 @@ class EngineSettings:
             models_dir=Path(env.get("MODELS_DIR", "models")),
             extra_args=tuple(shlex.split(env.get("ENGINE_EXTRA_ARGS", ""))),
             log_dir=Path(env.get("LOG_DIR") or "logs"),
-            nice=int(env.get("ENGINE_NICE") or DEFAULT_NICE[profile]),
         )
-
-
-DEFAULT_NICE = {"cpu": 10, "gpu": 0}
-"""On cpu the engine keeps every core busy; at nice 10 Redis, the workers and the API get the CPU the
-moment they wake (each job is dozens of Redis round trips), and the engine still has every cycle they
-leave. A GPU engine needs little CPU: it runs at normal priority."""
 
 
 def parse_device(device: str) -> tuple[str, str | None]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -23,12 +22,11 @@ EXIT_NEVER_HEALTHY = 3
 class Engine:
     """The engine process, its output echoed to our stdout and kept as a short tail."""
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str], nice: int = 0):
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str]):
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.process = subprocess.Popen(
-            list(argv), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            preexec_fn=(lambda: os.nice(nice)) if nice else None,
-        )  # fmt: skip
+            list(argv), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
         self._pump = threading.Thread(target=self._echo, daemon=True)
         self._pump.start()
 
@@ -63,11 +61,11 @@ def wait_healthy(engine: Engine, health_url: str, timeout: float) -> bool:
     return False
 
 
-def supervise(argv: Sequence[str], env: Mapping[str, str], health_url: str, start_timeout: float, nice: int = 0) -> int:
-    """Start the engine (at niceness `nice`), wait until healthy, then until it exits; return the exit status."""
-    logger.info("starting engine{}: {}", f" at nice {nice}" if nice else "", " ".join(argv))
+def supervise(argv: Sequence[str], env: Mapping[str, str], health_url: str, start_timeout: float) -> int:
+    """Start the engine, wait until healthy, then until it exits; return the exit status to use."""
+    logger.info("starting engine: {}", " ".join(argv))
     started = time.monotonic()
-    engine = Engine(argv, env, nice)
+    engine = Engine(argv, env)
     stopping = threading.Event()
 
     def forward(signum: int, frame: object) -> None:

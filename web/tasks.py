@@ -49,8 +49,8 @@ def redis_connection() -> Redis:
 
 
 def queue_lengths(connection: Redis) -> list[int]:
-    """Jobs waiting in each queue, in priority order, read in one transaction."""
-    with connection.pipeline(transaction=True) as pipe:
+    """Jobs waiting in each queue, in priority order, read in one round trip."""
+    with connection.pipeline(transaction=False) as pipe:
         for name in contract.QUEUES:
             pipe.llen(Queue(name, connection=connection).key)
         return pipe.execute()
