@@ -22,7 +22,7 @@ DEFAULT_ENGINE_RETRY_BACKOFF = 1
 """Seconds before the first retry after an engine failure; doubles each attempt, at most 30 s."""
 DEFAULT_PRIORITY_AGING = 60
 """Seconds after which the oldest job of a lower priority class is served before newer higher ones; 0: never."""
-DEFAULT_STREAM_FLUSH_INTERVAL = 0.1
+DEFAULT_STREAM_FLUSH_INTERVAL = 0.25
 """Seconds between `token` events of a running job: the engine's text is published in batches this often."""
 
 
