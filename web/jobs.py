@@ -61,16 +61,24 @@ def _submit(requests: list[dict], body_for_fingerprint: object) -> tuple[list[st
         raise
 
 
+def submit_errors(view):
+    """Document the answers both submit endpoints share, and their Idempotency-Key header."""
+    for status, description in [
+        (401, "Missing or invalid API key"),
+        (409, "Idempotency-Key already used with a different body"),
+        (413, "Request body too large"),
+        (429, "Rate limit for this key reached (a batch counts once per request); see Retry-After"),
+        (503, "Queue full or unavailable; retry after Retry-After seconds"),
+    ]:
+        view = bp.alt_response(status, schema=ErrorSchema, description=description)(view)
+    return bp.doc(**IDEMPOTENCY_DOC)(view)
+
+
 @bp.post("/generate")
 @bp.arguments(GenerateRequestSchema(), error_status_code=400)
 @bp.response(202, TaskAcceptedSchema)
 @bp.alt_response(200, schema=TaskStatusSchema, description="Retried with a known Idempotency-Key: the same task")
-@bp.alt_response(401, schema=ErrorSchema, description="Missing or invalid API key")
-@bp.alt_response(409, schema=ErrorSchema, description="Idempotency-Key already used with a different body")
-@bp.alt_response(413, schema=ErrorSchema, description="Request body too large")
-@bp.alt_response(429, schema=ErrorSchema, description="Rate limit for this key reached; see Retry-After")
-@bp.alt_response(503, schema=ErrorSchema, description="Queue full or unavailable; retry after Retry-After seconds")
-@bp.doc(**IDEMPOTENCY_DOC)
+@submit_errors
 @limiter.limit(submit_rate, exempt_when=rate_limit_off)
 def generate(payload):
     """Queue a generation and return its task id at once."""
@@ -86,12 +94,7 @@ def generate(payload):
 @bp.arguments(BatchRequestSchema(), error_status_code=400)
 @bp.response(202, BatchAcceptedSchema)
 @bp.alt_response(200, schema=BatchAcceptedSchema, description="Retried with a known Idempotency-Key: the same tasks")
-@bp.alt_response(401, schema=ErrorSchema, description="Missing or invalid API key")
-@bp.alt_response(409, schema=ErrorSchema, description="Idempotency-Key already used with a different body")
-@bp.alt_response(413, schema=ErrorSchema, description="Request body too large")
-@bp.alt_response(429, schema=ErrorSchema, description="Rate limit for this key reached (a batch counts per request)")
-@bp.alt_response(503, schema=ErrorSchema, description="Queue full or unavailable; retry after Retry-After seconds")
-@bp.doc(**IDEMPOTENCY_DOC)
+@submit_errors
 @limiter.limit(submit_rate, exempt_when=rate_limit_off, cost=batch_cost)
 def generate_batch(batch):
     """Queue up to MAX_BATCH generations validated as a whole; return their task ids in order.
