@@ -61,9 +61,13 @@ def queued_jobs(connection: Redis) -> int:
     return sum(queue_lengths(connection))
 
 
+ENGINE_WORKERS_KEY = WORKERS_BY_QUEUE_KEY % contract.QUEUE_NORMAL
+"""RQ's set of the workers listening on llm-normal: every engine worker does, webhook workers do not."""
+
+
 def engine_workers(connection: Redis) -> int:
-    """Count the registered engine workers (every one listens on llm-normal; webhook workers do not)."""
-    return connection.scard(WORKERS_BY_QUEUE_KEY % contract.QUEUE_NORMAL)
+    """Count the registered engine workers."""
+    return connection.scard(ENGINE_WORKERS_KEY)
 
 
 def job_lifetime() -> int:
@@ -300,7 +304,7 @@ def estimated_start(connection: Redis, position: int | None) -> float | None:
         return None
     with connection.pipeline(transaction=False) as pipe:
         pipe.lrange(contract.RECENT_PROCESSING_KEY, 0, -1)
-        pipe.scard(WORKERS_BY_QUEUE_KEY % contract.QUEUE_NORMAL)
+        pipe.scard(ENGINE_WORKERS_KEY)
         for name in contract.QUEUES:
             pipe.zcard(StartedJobRegistry(name, connection=connection).key)
         recent, workers, *running = pipe.execute()
