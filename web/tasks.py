@@ -28,7 +28,6 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.rate_limit import RateLimit, RateLimitRegistry
 from rq.registry import StartedJobRegistry
-from rq.utils import utcformat
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from web.errors import AlreadyFinished, IdempotencyConflict, QueueFull, TaskNotFound
@@ -186,7 +185,7 @@ def reserve_idempotency_key(owner: str, key: str, body_fingerprint: str, count: 
         IdempotencyConflict: the key was used with a different body.
     """
     connection = redis_connection()
-    name = f"{contract.KEY_PREFIX}idempotency:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+    name = _idempotency_claim(owner, key)
     task_ids = [new_task_id() for _ in range(count)]
     claim = json.dumps({"fingerprint": body_fingerprint, "task_ids": task_ids, "at": time.time()})
     if connection.set(name, claim, nx=True, ex=job_lifetime()):
@@ -205,8 +204,12 @@ def reserve_idempotency_key(owner: str, key: str, body_fingerprint: str, count: 
 
 def release_idempotency_key(owner: str, key: str) -> None:
     """Free a claim whose jobs could not be enqueued, so the client's retry enqueues them."""
-    name = f"{contract.KEY_PREFIX}idempotency:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
-    redis_connection().delete(name)
+    redis_connection().delete(_idempotency_claim(owner, key))
+
+
+def _idempotency_claim(owner: str, key: str) -> str:
+    """Redis key of the claim on `key` by API key `owner` (the header's value is hashed, not stored)."""
+    return f"{contract.KEY_PREFIX}idempotency:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def find(task_id: str, owner: str) -> Job:
@@ -333,15 +336,8 @@ def cancel(job: Job) -> tuple[dict[str, Any], int]:
     if job.get_status(refresh=False) == JobStatus.STARTED:
         _stop_running(connection, job)
     else:
-        try:
-            job.cancel()  # RQ: out of its queue (or the fair-share wait), into the canceled registry
-        except InvalidJobOperation:
-            pass
-        job.ended_at = datetime.now(UTC)
-        with connection.pipeline() as pipe:
-            pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
-            job.cleanup(ttl=current_app.config["RESULT_TTL"], pipeline=pipe, remove_from_queue=False)
-            pipe.execute()
+        job.ended_at = datetime.now(UTC)  # not an earlier attempt's end, if it waits for a retry
+        outcome.file_as_cancelled(job, current_app.config["RESULT_TTL"])
         job.refresh()
         if job.started_at != started_before:  # a worker started it meanwhile: stop that run too
             _stop_running(connection, job)

@@ -10,10 +10,13 @@ cancels in the queue with the same code the worker uses for the jobs it runs.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 from rq import Queue, Retry
+from rq.exceptions import InvalidJobOperation
+from rq.utils import utcformat
 
 from worker import contract
 
@@ -85,6 +88,25 @@ def _error_of(job: Job) -> dict[str, str]:
         message = (latest.exc_string or "").strip().splitlines()[-1:] if latest else []
         message = message[0] if message else "the job ended without a result"
     return {"error_type": error_type, "error_message": message}
+
+
+def file_as_cancelled(job: Job, ttl: int) -> None:
+    """Store when the job ended (`job.ended_at`, else now) and started, move it to RQ's canceled registry,
+    and keep it `ttl` seconds.
+
+    RQ's cancel takes it out of its queue or the fair-share wait and frees its fair-share slot; the
+    web app (a queued job) and the worker (a running one) both end a cancelled job this way.
+    """
+    job.ended_at = job.ended_at or datetime.now(UTC)
+    times = {"ended_at": utcformat(job.ended_at)}
+    if job.started_at:
+        times["started_at"] = utcformat(job.started_at)  # the times the final event was computed from
+    job.connection.hset(job.key, mapping=times)
+    try:
+        job.cancel()
+    except InvalidJobOperation:
+        pass  # already cancelled: the web app and a worker taking the job raced
+    job.cleanup(ttl=ttl, remove_from_queue=False)
 
 
 def publish(connection: Redis | Pipeline, task_id: str, event: str, data: dict[str, Any]) -> None:

@@ -22,14 +22,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from loguru import logger
-from rq.exceptions import InvalidJobOperation
 from rq.job import Job
 from rq.queue import Queue
 from rq.registry import CanceledJobRegistry
-from rq.utils import current_timestamp, now, utcformat, utcparse
+from rq.utils import current_timestamp, now, utcparse
 from rq.worker import SimpleWorker, WorkerStatus
 
-from worker import contract
+from worker import contract, outcome
 from worker.jobs import engine_client, worker_settings
 
 ENGINE_POLL_INTERVAL = 1.0  # seconds between engine health checks while it is down
@@ -135,17 +134,8 @@ class EngineWorker(SimpleWorker):
         self._stopped_job_id = None
         with self.connection.pipeline() as pipe:
             self.cleanup_execution(job, pipeline=pipe, execution=execution)
-            # The times the final event was computed from (RQ stores them so for other outcomes too).
-            times = {"ended_at": utcformat(job.ended_at or datetime.now(UTC))}
-            if job.started_at:
-                times["started_at"] = utcformat(job.started_at)
-            pipe.hset(job.key, mapping=times)
             pipe.execute()
-        try:
-            job.cancel()  # status canceled, canceled registry, frees the owner's fair-share slot
-        except InvalidJobOperation:
-            pass  # the web app cancelled it in the queue just as this worker took it
-        job.cleanup(ttl=worker_settings().result_ttl, remove_from_queue=False)
+        outcome.file_as_cancelled(job, worker_settings().result_ttl)
         return None
 
     def clean_registries(self) -> None:
