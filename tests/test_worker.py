@@ -250,5 +250,7 @@ def test_a_job_that_cannot_reach_the_engine_makes_every_worker_check_it_first(cl
 
     worker = EngineWorker([Queue(name, connection=redis_conn) for name in contract.QUEUES], connection=redis_conn)
     worker._engine_seen = True  # a worker that has taken jobs before still checks the engine now
+    worker.check_for_suspension(burst=False)  # the work loop's one read per job: suspended? engine down?
+    assert worker._engine_down
     worker._wait_for_engine()  # the stand-in answers its health check: the mark is cleared for the pool
     assert not redis_conn.exists(contract.ENGINE_DOWN_KEY)

@@ -22,9 +22,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from loguru import logger
+from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
 from rq.registry import CanceledJobRegistry
+from rq.suspension import WORKERS_SUSPENDED
 from rq.utils import current_timestamp, now, utcparse
 from rq.worker import SimpleWorker, WorkerStatus
 
@@ -46,6 +48,8 @@ class EngineWorker(SimpleWorker):
         super().__init__(*args, **kwargs)
         self.heartbeat_grace = settings.heartbeat_grace
         self._engine_seen = False
+        self._engine_down = False
+        self._start_pipeline: Any = None
         self._beat_at = 0.0
         self.log_result_lifespan = False  # "result is kept for N seconds" for every job says nothing new
         self._ordered_at = 0.0
@@ -55,13 +59,36 @@ class EngineWorker(SimpleWorker):
         """Renew the worker's registration, at most once per HEARTBEAT_EVERY seconds when RQ asks in a row.
 
         RQ calls this two or three times around every job; the registration lives WORKER_TTL seconds.
-        Calls with a timeout or inside a pipeline (job start) always go through.
+        Calls with a timeout or inside a pipeline (job start) always go through; on their own, RQ's three
+        writes go in one round trip.
         """
-        if pipeline is None and timeout is None and time.monotonic() - self._beat_at < HEARTBEAT_EVERY:
+        if pipeline is not None:
+            return super().heartbeat(timeout, pipeline)
+        if timeout is None and time.monotonic() - self._beat_at < HEARTBEAT_EVERY:
+            return None
+        with self.connection.pipeline(transaction=False) as pipe:
+            super().heartbeat(timeout, pipe)
+            pipe.execute()
+        self._beat_at = time.monotonic()
+        return None
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        """Write the worker's state unless it already has it (RQ sets "idle" twice between jobs)."""
+        if pipeline is None and state == self._state:
             return
-        super().heartbeat(timeout, pipeline)
-        if pipeline is None:
-            self._beat_at = time.monotonic()
+        super().set_state(state, pipeline)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        """Ask once per loop, in one round trip, whether workers are suspended and the engine is marked down.
+
+        RQ renews the registration in the same pipeline; `heartbeat` does that on its own schedule here.
+        """
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.exists(WORKERS_SUSPENDED)
+            pipe.exists(contract.ENGINE_DOWN_KEY)
+            suspended, self._engine_down = pipe.execute()
+        if suspended:
+            super().check_for_suspension(burst)  # RQ's wait until `rq resume`
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """Keep a running job alive for one monitoring interval plus a short grace."""
@@ -79,6 +106,31 @@ class EngineWorker(SimpleWorker):
             stop.set()
             beat.join()
         self.set_state(WorkerStatus.IDLE)
+
+    def prepare_execution(self, job: Job) -> Execution:
+        """Create the job's execution record in the pipeline `prepare_job_execution` sends (RQ sends two)."""
+        self._start_pipeline = self.connection.pipeline()
+        execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=self._start_pipeline, worker_name=self.name)
+        self.executions[execution.id] = execution
+        self.set_state(WorkerStatus.BUSY, pipeline=self._start_pipeline)
+        return execution
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        """RQ's bookkeeping before a job runs (heartbeats, status started), sent with the execution record."""
+        pipeline, self._start_pipeline = self._start_pipeline or self.connection.pipeline(), None
+        with pipeline:
+            ttl = self.get_heartbeat_ttl(job)
+            self.heartbeat(ttl, pipeline=pipeline)
+            job.heartbeat(now(), ttl, pipeline=pipeline)
+            job.prepare_for_execution(self.name, pipeline=pipeline)
+            pipeline.persist(job.key)
+            if remove_from_intermediate_queue:
+                pipeline.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
+            pipeline.execute()
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        """Note the end time. RQ also renews the job's heartbeat here; the heartbeat thread does until it is filed."""
+        job.ended_at = now()
 
     def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
         while not stop.wait(self.job_monitoring_interval):
@@ -162,7 +214,7 @@ class EngineWorker(SimpleWorker):
         no health request: under load the engine's API server can take seconds to answer one, and
         workers waiting on it would leave jobs sitting in the queue.
         """
-        if self._engine_seen and not self.connection.exists(contract.ENGINE_DOWN_KEY):
+        if self._engine_seen and not self._engine_down:
             return
         settings = worker_settings()
         waiting_since = None
@@ -170,7 +222,7 @@ class EngineWorker(SimpleWorker):
             if engine_client().is_ready(settings.engine_health_path):
                 if waiting_since is not None:
                     logger.info("engine is back after {:.0f} s; taking jobs again", time.monotonic() - waiting_since)
-                self._engine_seen = True
+                self._engine_seen, self._engine_down = True, False
                 self.connection.delete(contract.ENGINE_DOWN_KEY)
                 return
             if waiting_since is None:
