@@ -114,18 +114,23 @@ def submit(requests: list[dict[str, Any]], owner: str, task_ids: list[str] | Non
     if cap > 0 and sum(lengths) + len(requests) > cap:
         raise QueueFull(f"{cap} jobs are already waiting; try again later")
     task_ids = task_ids or [new_task_id() for _ in requests]
-    for request, task_id in zip(requests, task_ids, strict=True):
-        own = contract.QUEUES.index(contract.PRIORITY_QUEUES[request.get("priority", contract.DEFAULT_PRIORITY)])
-        _enqueue(connection, dict(request), owner, task_id, ahead=sum(lengths[: own + 1]))
-        lengths[own] += 1
+    with connection.pipeline() as pipe:  # one transaction for every job of the submit and its `queued` event
+        pipe.multi()  # explicitly, as RQ's enqueue expects of a pipeline it is given
+        for request, task_id in zip(requests, task_ids, strict=True):
+            name = contract.PRIORITY_QUEUES[request.get("priority", contract.DEFAULT_PRIORITY)]
+            own = contract.QUEUES.index(name)
+            queue = Queue(name, connection=connection)
+            _enqueue(pipe, queue, dict(request), owner, task_id, ahead=sum(lengths[: own + 1]))
+            lengths[own] += 1
+        pipe.execute()
     return task_ids
 
 
-def _enqueue(connection: Redis, request: dict[str, Any], owner: str, task_id: str, ahead: int) -> Job:
-    """Enqueue one job after publishing its `queued` event (`ahead`: jobs queued before it just now).
+def _enqueue(pipe: Pipeline, queue: Queue, request: dict[str, Any], owner: str, task_id: str, ahead: int) -> None:
+    """Queue on `pipe` one job's `queued` event, then RQ's writes of the job (`ahead`: jobs queued before it).
 
-    The event goes first: once the job is in a queue, a worker may publish `started` at once. A job held
-    back by the fair share waits longer than `ahead` says; `/status` has its live position.
+    The event goes first: once the job is in a queue, a worker may publish `started` at once.
+    A job held back by the fair share waits longer than `ahead` says; `/status` has its live position.
     """
     config = current_app.config
     priority = request.pop("priority", contract.DEFAULT_PRIORITY)
@@ -138,32 +143,31 @@ def _enqueue(connection: Redis, request: dict[str, Any], owner: str, task_id: st
     if callback_url:
         meta[contract.META_CALLBACK_URL] = callback_url
     slots = config["FAIR_SHARE_SLOTS"]
-    queue = Queue(contract.PRIORITY_QUEUES[priority], connection=connection)
     # Slots per key and priority: a key's high job is not held behind its own earlier low ones.
-    fair_share_key = f"{owner}:{priority}"
-    options = {
-        "job_id": task_id,
-        "job_timeout": config["TASK_TIME_LIMIT"],
-        "result_ttl": config["RESULT_TTL"],
-        "failure_ttl": config["RESULT_TTL"],
-        "meta": meta,
-        "retry": Retry(max=config["JOB_RETRIES"]) if config["JOB_RETRIES"] > 0 else None,
-        "on_success": Callback(contract.ON_SUCCESS_PATH),
-        "on_failure": Callback(contract.ON_FAILURE_PATH),
-        "description": f"generate max_tokens={request['max_tokens']} priority={priority}",
-    }
-    if slots > 0:
-        with connection.pipeline(transaction=False) as pipe:
-            _publish_queued(pipe, task_id, ahead)
-            pipe.execute()
-        # RQ refuses a pipeline for rate-limited jobs: it saves the job, then lets it in if a slot is free.
-        job = queue.enqueue(contract.TASK_PATH, request, rate_limit=RateLimit(fair_share_key, slots), **options)
-    else:
-        with connection.pipeline() as pipe:  # one transaction: RQ's writes of the job and the event
-            job = queue.enqueue(contract.TASK_PATH, request, pipeline=pipe, **options)
-            _publish_queued(pipe, task_id, ahead)
-            pipe.execute()
-    return job
+    rate_limit = RateLimit(f"{owner}:{priority}", slots) if slots > 0 else None
+    job = queue.create_job(
+        contract.TASK_PATH,
+        args=(request,),
+        job_id=task_id,
+        timeout=config["TASK_TIME_LIMIT"],
+        result_ttl=config["RESULT_TTL"],
+        failure_ttl=config["RESULT_TTL"],
+        meta=meta,
+        retry=Retry(max=config["JOB_RETRIES"]) if config["JOB_RETRIES"] > 0 else None,
+        on_success=Callback(contract.ON_SUCCESS_PATH),
+        on_failure=Callback(contract.ON_FAILURE_PATH),
+        description=f"generate max_tokens={request['max_tokens']} priority={priority}",
+        rate_limit=rate_limit,
+    )
+    _publish_queued(pipe, task_id, ahead)
+    if rate_limit is None:
+        queue.enqueue_job(job, pipeline=pipe)
+        return
+    # RQ's public enqueue refuses a pipeline for a rate-limited job (so a caller cannot save the job over
+    # the status the enqueue sets); its own rate-limited enqueue takes one. In the transaction: the job,
+    # its place among the key's waiting jobs, and RQ's script that lets it into the queue if a slot is free.
+    pipe.sadd(queue.redis_queues_keys, queue.key)
+    queue._enqueue_rate_limited_job(job, pipeline=pipe)
 
 
 def _publish_queued(pipe: Pipeline, task_id: str, ahead: int) -> None:
