@@ -108,6 +108,7 @@ def service_parts(stack: Stack, redis_url: str, engine_url: str, scale: int) -> 
     """Submit latency at a fixed rate, the highest submit rate, trivial-job throughput per worker class."""
     api_url, web = stack.web(redis_url, engine_url)
     print("[api] submit latency at 300/s, then the highest submit rate", flush=True)
+    run(micro.submit_at_rate(api_url, 300, 1))  # warm-up: first connections, lazy imports
     out = {
         "submit_at_300": run(micro.submit_at_rate(api_url, 300, 5 * scale)),
         "max_submit": micro.max_submit_rate(api_url, seconds=10 * scale),

@@ -7,6 +7,9 @@ reply, and injects faults chosen by the prompt text:
   "stand-in:drop"        send one chunk, then close the connection without finishing
   "stand-in:fail-first=N"  answer 503 to the first N requests with this text, then stream normally
   "stand-in:slow=S"      stream 40 tokens, one every S seconds; `aborted` records texts whose client hung up
+Like vLLM, it streams with chunked transfer encoding and keeps connections alive between requests,
+closing one that stays idle for `idle_timeout` seconds (uvicorn's default is 5); `connections` counts
+the connections it accepted.
 With `ignore_eos` in the request it streams exactly `max_tokens` tokens, `token_delay` seconds apart,
 as a fixed-latency engine of unlimited concurrency for the benchmark:
   python -m tests.stand_in_engine --port 8101 --token-delay 0.02
@@ -33,8 +36,10 @@ class _Server(ThreadingHTTPServer):
 class StandInEngine:
     """Run the stand-in on 127.0.0.1:`port` in a background thread; `requests` keeps every body received."""
 
-    def __init__(self, port: int, token_delay: float = 0.0, keep_requests: bool = True):
+    def __init__(self, port: int, token_delay: float = 0.0, keep_requests: bool = True, idle_timeout: float = 5.0):
         self.token_delay = token_delay
+        self.idle_timeout = idle_timeout
+        self.connections = 0
         self.keep_requests = keep_requests
         self.requests: list[dict[str, Any]] = []
         self.healthy = True
@@ -61,6 +66,11 @@ def _text_of(body: dict[str, Any]) -> str:
 def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = engine.idle_timeout  # a kept-alive connection idle this long is closed
+
+        def setup(self) -> None:
+            engine.connections += 1
+            super().setup()
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -102,10 +112,7 @@ def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
 
         def _stream(self, body: dict[str, Any], drop: bool) -> None:
             chat = "messages" in body
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Connection", "close")
-            self.end_headers()
+            self._start_stream()
             reply = [" tok"] * body["max_tokens"] if body.get("ignore_eos") else REPLY
             pieces = reply[:1] if drop else reply
             for index, piece in enumerate(pieces):
@@ -120,28 +127,36 @@ def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
                 return
             usage = {"prompt_tokens": len(_text_of(body).split()), "completion_tokens": len(reply)}
             self._event({"choices": [], "usage": usage})
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-            self.close_connection = True
+            self._end_stream()
 
         def _stream_slowly(self, body: dict[str, Any], delay: float, text: str) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
+            self._start_stream()
             try:
                 for _ in range(40):
                     self._event({"choices": [{"index": 0, "text": " tick", "finish_reason": None}]})
                     time.sleep(delay)
                 self._event({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
+                self._end_stream()
             except (BrokenPipeError, ConnectionResetError):
                 engine.aborted.append(text)
+                self.close_connection = True
+
+        def _start_stream(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
 
         def _event(self, payload: dict[str, Any]) -> None:
-            self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+            self._chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+        def _end_stream(self) -> None:
+            self._chunk(b"data: [DONE]\n\n")
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+
+        def _chunk(self, data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
 
     return Handler

@@ -10,10 +10,12 @@ import uuid
 import pytest
 from loguru import logger
 
-from tests.conftest import KEY, SERVED_MODEL, run_worker, wait_until
-from tests.stand_in_engine import CONTEXT_ERROR
+from tests.conftest import KEY, SERVED_MODEL, free_port, run_worker, wait_until
+from tests.stand_in_engine import CONTEXT_ERROR, StandInEngine
 from web import create_app
 from worker import jobs
+from worker.engine import EngineClient
+from worker.exceptions import EngineUnavailable
 
 AUTH = {"X-API-Key": KEY}
 
@@ -195,6 +197,27 @@ def test_ignore_eos_is_forwarded_for_fixed_length_output(client, redis_conn, wor
     assert body["result"] == " tok" * 5
     assert body["metrics"]["completion_tokens"] == 5
     assert stand_in.requests[-1]["ignore_eos"] is True
+
+
+def test_engine_client_keeps_one_connection_and_replaces_one_the_engine_closed():
+    engine = StandInEngine(free_port(), idle_timeout=0.3).start()
+    try:
+        client = EngineClient(engine.url, SERVED_MODEL, connect_timeout=2, read_timeout=10)
+        request = {"prompt": "hi", "max_tokens": 3, "temperature": 0, "top_p": 1, "ignore_eos": True}
+        texts = [client.generate(request).text for _ in range(3)]
+        assert texts == [" tok" * 3] * 3
+        assert engine.connections == 1  # kept alive from one request to the next
+
+        time.sleep(0.6)  # the engine closes the idle connection, as uvicorn does after its keep-alive timeout
+        assert client.generate(request).completion_tokens == 3
+        assert engine.connections == 2
+
+        with pytest.raises(EngineUnavailable):  # cut off mid-stream: that connection is not used again
+            client.generate({**request, "prompt": "stand-in:drop", "ignore_eos": False})
+        assert client.generate(request).completion_tokens == 3
+        assert engine.connections == 3
+    finally:
+        engine.stop()
 
 
 def test_result_wait_answers_as_soon_as_the_task_finishes(client, redis_conn, worker_env):

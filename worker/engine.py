@@ -1,15 +1,21 @@
-"""HTTP client for an OpenAI-compatible engine (vLLM), streaming every request."""
+"""HTTP client for an OpenAI-compatible engine (vLLM), streaming every request.
+
+It is the standard library's `http.client`: reading a token stream through it costs about a third of
+the CPU httpx needs (4.6 against 13 ms for 64 tokens, one event each, measured on this project's
+2-core machines), and the workers share those cores with the engine.
+"""
 
 from __future__ import annotations
 
+import http.client
 import json
+import select
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
-
-import httpx
+from urllib.parse import urlsplit
 
 from worker.exceptions import (
     EngineInterrupted,
@@ -23,6 +29,8 @@ from worker.exceptions import (
 COMPLETIONS_PATH = "/v1/completions"
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
 _OPTIONAL_FIELDS = ("stop", "seed")
+_JSON = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+HEALTH_TIMEOUT = 2.0  # seconds
 
 
 @dataclass(frozen=True)
@@ -64,9 +72,15 @@ class EngineClient:
 
     def __init__(self, base_url: str, model: str, connect_timeout: float, read_timeout: float):
         self.model = model
-        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, limits=httpx.Limits(max_connections=1))
-        self._network_stream: Any = None
+        url = urlsplit(base_url)
+        self._connection_class = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        self._host, self._port, self._prefix = url.hostname or "", url.port, url.path.rstrip("/")
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._connection: http.client.HTTPConnection | None = None
+        # The connection's socket, kept here too: http.client lets go of it while a response that
+        # ends by closing the connection is still being read, and `interrupt` must reach it then.
+        self._socket: socket.socket | None = None
         self._interrupted = False
 
     def generate(self, payload: Mapping[str, Any], on_text: Callable[[str], None] | None = None) -> Completion:
@@ -79,41 +93,49 @@ class EngineClient:
         path, body = build_request(payload, self.model)
         self._interrupted = False
         sent_at = time.monotonic()
+        reusable = False  # whether the connection can carry the next request after an error
         try:
-            with self._http.stream("POST", path, json=body, extensions={"trace": self._trace}) as response:
-                self._network_stream = response.extensions.get("network_stream", self._network_stream)
-                if response.status_code >= 400:
-                    response.read()
-                    raise _status_error(response)
-                return _read_stream(_events(response), sent_at, on_text)
+            connection = self._connect()
+            connection.request("POST", self._prefix + path, body=json.dumps(body).encode(), headers=_JSON)
+            response = connection.getresponse()
+            if response.status >= 400:
+                answer = response.read()
+                reusable = True
+                raise _status_error(response.status, response.reason, answer)
+            completion = _read_stream(_events(response), sent_at, on_text)
+            response.read()  # the end of the chunked body, so the connection can carry the next request
+            return completion
         except Exception as exc:
+            if not reusable:
+                self.close()  # in an unknown state: the next request opens another
             if self._interrupted:  # whatever the cut-off read raised
                 raise EngineInterrupted("the request was interrupted") from exc
-            if isinstance(exc, httpx.TransportError):
-                raise self._transport_error(exc) from exc
+            if isinstance(exc, TimeoutError):
+                raise EngineTimeout(f"the engine sent nothing for {self._read_timeout} s") from exc
+            if isinstance(exc, (OSError, http.client.HTTPException)):
+                raise EngineUnavailable(f"engine connection failed: {exc!r}") from exc
             raise
 
-    def _transport_error(self, exc: httpx.TransportError) -> Exception:
-        if isinstance(exc, httpx.ConnectTimeout):
-            return EngineUnavailable(f"could not connect to the engine: {exc}")
-        if isinstance(exc, httpx.TimeoutException):
-            return EngineTimeout(f"the engine sent nothing for {self._http.timeout.read} s")
-        return EngineUnavailable(f"engine connection failed: {exc!r}")
-
-    def _trace(self, event: str, info: dict[str, Any]) -> None:
-        """Remember the connection this client opened last (httpcore's trace extension).
-
-        Every request of this client passes it, so a kept-alive connection reused by the next
-        generation is known before the engine answers.
-        """
-        if event == "connection.connect_tcp.complete":
-            self._network_stream = info["return_value"]
+    def _connect(self) -> http.client.HTTPConnection:
+        """Return the kept-alive connection, or open one if there is none or the engine has closed it."""
+        connection = self._connection
+        if connection is not None and (connection.sock is None or _closed_by_peer(connection.sock)):
+            self.close()
+            connection = None
+        if connection is None:
+            connection = self._connection_class(self._host, self._port, timeout=self._connect_timeout)
+            try:
+                connection.connect()
+            except OSError as exc:
+                raise EngineUnavailable(f"could not connect to the engine: {exc!r}") from exc
+            connection.sock.settimeout(self._read_timeout)
+            self._connection, self._socket = connection, connection.sock
+        return connection
 
     def interrupt(self) -> None:
         """End the request being read, from another thread; `generate` then raises EngineInterrupted."""
         self._interrupted = True
-        stream = self._network_stream
-        sock = stream.get_extra_info("socket") if stream is not None else None
+        sock = self._socket
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -121,47 +143,60 @@ class EngineClient:
                 pass  # already closed
 
     def is_ready(self, health_path: str) -> bool:
-        """Tell whether the engine answers its health check with 200."""
+        """Tell whether the engine answers its health check with 200 (on a connection of its own)."""
+        connection = self._connection_class(self._host, self._port, timeout=HEALTH_TIMEOUT)
         try:
-            return self._http.get(health_path, timeout=2.0, extensions={"trace": self._trace}).status_code == 200
-        except httpx.HTTPError:
+            connection.request("GET", self._prefix + health_path)
+            return connection.getresponse().status == 200
+        except (OSError, http.client.HTTPException):
             return False
+        finally:
+            connection.close()
 
     def close(self) -> None:
-        self._http.close()
+        if self._connection is not None:
+            self._connection.close()
+        self._connection = self._socket = None
 
 
-def _status_error(response: httpx.Response) -> Exception:
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Tell whether an idle kept-alive connection has something to read: the engine closed it (or misbehaved)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
+def _status_error(status: int, reason: str, body: bytes) -> Exception:
     """Build the exception for an engine error status, keeping the engine's own message."""
-    message = _error_message(response)
-    if response.status_code >= 500:
-        return EngineServerError(f"engine answered {response.status_code}: {message}")
+    message = _error_message(reason, body)
+    if status >= 500:
+        return EngineServerError(f"engine answered {status}: {message}")
     return EngineRejected(message)
 
 
-def _error_message(response: httpx.Response) -> str:
+def _error_message(reason: str, body: bytes) -> str:
     try:
-        body = response.json()
+        parsed = json.loads(body)
     except ValueError:
-        return response.text[:500] or response.reason_phrase
-    error = body.get("error", body) if isinstance(body, dict) else body
+        return body[:500].decode(errors="replace") or reason
+    error = parsed.get("error", parsed) if isinstance(parsed, dict) else parsed
     if isinstance(error, dict):
         return str(error.get("message") or error)
     return str(error)
 
 
-def _events(response: httpx.Response) -> Iterator[dict[str, Any]]:
+def _events(response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
     """Yield the JSON payloads of a server-sent-events stream until `[DONE]`."""
-    for line in response.iter_lines():
-        if not line.startswith("data:"):
+    for line in response:
+        if not line.startswith(b"data:"):
             continue
-        data = line[len("data:") :].strip()
-        if data == "[DONE]":
+        data = line[len(b"data:") :].strip()
+        if data == b"[DONE]":
             return
         try:
             yield json.loads(data)
         except ValueError as exc:
-            raise EngineProtocolError(f"engine sent a line that is not JSON: {data[:200]!r}") from exc
+            text = data[:200].decode(errors="replace")
+            raise EngineProtocolError(f"engine sent a line that is not JSON: {text!r}") from exc
     raise EngineUnavailable("engine closed the stream before it finished")
 
 
