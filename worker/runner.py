@@ -34,7 +34,7 @@ from worker import contract, outcome
 from worker.jobs import engine_client, worker_settings
 
 ENGINE_POLL_INTERVAL = 1.0  # seconds between engine health checks while it is down
-HEARTBEAT_EVERY = 1.0  # seconds between renewals of an idle or busy worker's registration
+HEARTBEAT_MARGIN = 5.0  # seconds a worker's registration must outlive its next wait for a job
 AGING_CHECK_EVERY = 1.0  # seconds the queue order chosen by ageing is kept before looking again
 SWEEP_KEY = f"{contract.KEY_PREFIX}sweep"  # held by the worker sweeping the registries this interval
 
@@ -50,26 +50,33 @@ class EngineWorker(SimpleWorker):
         self._engine_seen = False
         self._engine_down = False
         self._start_pipeline: Any = None
-        self._beat_at = 0.0
+        self._registered_until = 0.0  # monotonic time the worker's registration expires, as last renewed
         self.log_result_lifespan = False  # "result is kept for N seconds" for every job says nothing new
         self._ordered_at = 0.0
         self._priority_order = list(self._ordered_queues)
 
-    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        """Renew the worker's registration, at most once per HEARTBEAT_EVERY seconds when RQ asks in a row.
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        """Start as RQ does, and ask Redis its version now: RQ otherwise asks when taking the first job."""
+        super().bootstrap(*args, **kwargs)
+        self.get_redis_server_version()
 
-        RQ calls this two or three times around every job; the registration lives WORKER_TTL seconds.
-        Calls with a timeout or inside a pipeline (job start) always go through; on their own, RQ's three
-        writes go in one round trip.
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """Renew the worker's registration when it would not outlive the next wait for a job, or when RQ sets a TTL.
+
+        RQ renews it before and after every wait and after every job, three separate writes each time;
+        here a plain renewal is skipped while the registration still has longer to live than a wait
+        for a job (`dequeue_timeout`) plus HEARTBEAT_MARGIN, and otherwise sent in one round trip.
+        Renewals with a timeout or inside a pipeline (job start, the running job's heartbeat) go through.
         """
-        if pipeline is not None:
-            return super().heartbeat(timeout, pipeline)
-        if timeout is None and time.monotonic() - self._beat_at < HEARTBEAT_EVERY:
-            return None
-        with self.connection.pipeline(transaction=False) as pipe:
-            super().heartbeat(timeout, pipe)
-            pipe.execute()
-        self._beat_at = time.monotonic()
+        if pipeline is None and timeout is None:
+            if self._registered_until - time.monotonic() > self.dequeue_timeout + HEARTBEAT_MARGIN:
+                return None
+            with self.connection.pipeline(transaction=False) as pipe:
+                super().heartbeat(timeout, pipe)
+                pipe.execute()
+        else:
+            super().heartbeat(timeout, pipeline)
+        self._registered_until = time.monotonic() + (timeout or self.worker_ttl + 60)
         return None
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
@@ -127,6 +134,11 @@ class EngineWorker(SimpleWorker):
             if remove_from_intermediate_queue:
                 pipeline.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
             pipeline.execute()
+
+    def cleanup_execution(self, job: Job, pipeline: Any, execution: Execution | None = None) -> None:
+        """RQ's cleanup of the execution record, with the worker's state back to idle in the same transaction."""
+        super().cleanup_execution(job, pipeline, execution)
+        self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         """Note the end time. RQ also renews the job's heartbeat here; the heartbeat thread does until it is filed."""
