@@ -28,6 +28,8 @@ PLAN = {
 WAIT = 30  # seconds a client long-polls /result?wait= before asking again
 ONE_AT_A_TIME_LEVEL = 8
 MANY_JOBS = 10_000
+WARM_UP_TOKENS = 4
+WARM_UP_FIRST = 10**7  # prompt indexes of the warm-up jobs, apart from the measured ones
 MANY_JOBS_TOKENS = 4
 
 
@@ -45,6 +47,10 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     api_url, web = stack.web(redis_url, engine_url)
     via_api = functools.partial(load.through_api, api_url=api_url, max_tokens=max_tokens, wait=WAIT)
     run(load.closed_loop(lambda c, i: direct(c, index=i), counts[1], 1))  # warm the engine on the c=1 prompts
+    # Warm the queue path too: every worker runs a few short jobs first (a fresh worker's first job costs
+    # about 2 ms more, and at c=1 Redis hands each job to the worker that has waited longest).
+    warm = functools.partial(load.through_api, api_url=api_url, max_tokens=WARM_UP_TOKENS, wait=WAIT)
+    run(load.closed_loop(lambda c, i: warm(c, index=i), 2 * max(LEVELS), max(LEVELS), WARM_UP_FIRST))
     first = 0
     for level in LEVELS:
         print(f"[{engine}] c={level}: {counts[level]} requests direct, then through the queue", flush=True)

@@ -142,6 +142,8 @@ def write(results: dict, docs: Path) -> None:
         "replaces.",
         f"Every request asks for a fixed number of tokens (`ignore_eos`). The stand-in engine (not vLLM) streams "
         f"one token every {results['stand_in_token_delay_s']} s with unlimited concurrency.",
+        "Measured in steady state: before each engine's levels, the engine serves the c=1 prompts once and",
+        "every worker runs short jobs (128 at c=64); the API gets 1 s of submits before the fixed-rate test.",
         "",
         "## Targets",
         "",

@@ -230,15 +230,16 @@ def find(task_id: str, owner: str) -> Job:
 
 
 def wait_until_finished(job: Job, seconds: int) -> Job:
-    """Block until the job's final event is published or `seconds` pass; return the job fresh.
+    """Block until the job's final event is published or `seconds` pass; return the job, fresh if it has not finished.
 
-    It waits on the job's one-entry "finished" stream, so token events do not wake it.
+    It waits on the job's one-entry "finished" stream, so token events do not wake it. A job that has
+    finished is not read again: `result_of` answers from its final event, published with that entry.
     """
     if contract.public_status(job.get_status(refresh=False)) not in contract.UNFINISHED_STATUSES:
         return job
     blocking = current_app.extensions["redis_blocking"]
-    blocking.xread({contract.finished_key(job.id): "0"}, count=1, block=seconds * 1000)
-    job.refresh()
+    if not blocking.xread({contract.finished_key(job.id): "0"}, count=1, block=seconds * 1000):
+        job.refresh()
     return job
 
 
