@@ -54,12 +54,17 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     first = 0
     for level in LEVELS:
         print(f"[{engine}] c={level}: {counts[level]} requests direct, then through the queue", flush=True)
-        direct_samples, direct_wall, direct_errors = run(
-            load.closed_loop(lambda c, i: direct(c, index=i), counts[level], level, first)
-        )
-        api_samples, api_wall, api_errors = run(
-            load.closed_loop(lambda c, i: via_api(c, index=i), counts[level], level, first)
-        )
+        if level == 1:  # one prompt direct, then the same through the queue: pairs seconds apart, not minutes
+            (direct_samples, direct_wall, direct_errors), (api_samples, api_wall, api_errors) = run(
+                load.alternating(lambda c, i: direct(c, index=i), lambda c, i: via_api(c, index=i), counts[1], first)
+            )
+        else:
+            direct_samples, direct_wall, direct_errors = run(
+                load.closed_loop(lambda c, i: direct(c, index=i), counts[level], level, first)
+            )
+            api_samples, api_wall, api_errors = run(
+                load.closed_loop(lambda c, i: via_api(c, index=i), counts[level], level, first)
+            )
         entry = {
             "direct": load.summarize(direct_samples, direct_wall, direct_errors),
             "queue": load.summarize(api_samples, api_wall, api_errors),

@@ -104,6 +104,30 @@ async def closed_loop(
         return samples, time.perf_counter() - started, errors
 
 
+async def alternating(
+    first_request: Callable[[httpx.AsyncClient, int], Awaitable[Sample]],
+    second_request: Callable[[httpx.AsyncClient, int], Awaitable[Sample]],
+    count: int,
+    first: int = 0,
+) -> tuple[tuple[list[Sample], float, list[str]], tuple[list[Sample], float, list[str]]]:
+    """One client, each prompt sent one way then the other, so the pairs are measured seconds apart.
+
+    Returns, for each way: the samples, the time spent in its requests and the errors.
+    """
+    results: tuple[tuple[list[Sample], list[float], list[str]], ...] = (([], [], []), ([], [], []))
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900)) as client:
+        for index in range(first, first + count):
+            for request, (samples, spent, errors) in zip((first_request, second_request), results, strict=True):
+                started = time.perf_counter()
+                try:
+                    samples.append(await request(client, index))
+                except (httpx.HTTPError, RuntimeError) as exc:
+                    errors.append(f"request {index}: {exc!r}")
+                spent.append(time.perf_counter() - started)
+    (a, a_spent, a_errors), (b, b_spent, b_errors) = results
+    return (a, sum(a_spent), a_errors), (b, sum(b_spent), b_errors)
+
+
 def percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     if not ordered:
