@@ -30,7 +30,7 @@ class Sample:
     latency: float  # seconds, as the client saw it
     ttft: float | None  # seconds
     tokens: int
-    server_latency: float | None = None  # submit round trip + enqueued -> ended, seconds
+    server_latency: float | None = None  # submit round trip + created -> ended (RQ's timestamps), seconds
     task_id: str | None = None
 
 

@@ -137,7 +137,7 @@ def write(results: dict, docs: Path) -> None:
         "",
         "Modes: **direct** streams from the engine's OpenAI API; **queue** submits to `POST /generate`, then",
         f"long-polls `/result?wait={results['result_wait_s']}` (latency and throughput as the client saw them; the",
-        "added latency uses the server's own timestamps: submit round trip + enqueued->ended, minus the direct",
+        "added latency uses the server's own timestamps: submit round trip + created->ended (RQ's), minus the direct",
         "latency of the same prompt); **one at a time** is the same stack with a single worker, like the design it",
         "replaces. At c=1 each prompt goes direct, then through the queue, so the pairs are measured seconds apart.",
         f"Every request asks for a fixed number of tokens (`ignore_eos`). The stand-in engine (not vLLM) streams "
