@@ -78,6 +78,20 @@ async def through_api(client: httpx.AsyncClient, api_url: str, index: int, max_t
     return Sample(index, time.perf_counter() - started, ttft, metrics["completion_tokens"], server, task_id)
 
 
+async def _attempt(
+    request: Callable[[httpx.AsyncClient, int], Awaitable[Sample]],
+    client: httpx.AsyncClient,
+    index: int,
+    samples: list[Sample],
+    errors: list[str],
+) -> None:
+    """Run one request, keeping its sample, or its failure as an error line."""
+    try:
+        samples.append(await request(client, index))
+    except (httpx.HTTPError, RuntimeError) as exc:
+        errors.append(f"request {index}: {exc!r}")
+
+
 async def closed_loop(
     request: Callable[[httpx.AsyncClient, int], Awaitable[Sample]], count: int, concurrency: int, first: int = 0
 ) -> tuple[list[Sample], float, list[str]]:
@@ -94,10 +108,7 @@ async def closed_loop(
 
         async def client_loop() -> None:
             for index in pending:
-                try:
-                    samples.append(await request(client, index))
-                except (httpx.HTTPError, RuntimeError) as exc:
-                    errors.append(f"request {index}: {exc!r}")
+                await _attempt(request, client, index, samples, errors)
 
         started = time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
@@ -119,10 +130,7 @@ async def alternating(
         for index in range(first, first + count):
             for request, (samples, spent, errors) in zip((first_request, second_request), results, strict=True):
                 started = time.perf_counter()
-                try:
-                    samples.append(await request(client, index))
-                except (httpx.HTTPError, RuntimeError) as exc:
-                    errors.append(f"request {index}: {exc!r}")
+                await _attempt(request, client, index, samples, errors)
                 spent.append(time.perf_counter() - started)
     (a, a_spent, a_errors), (b, b_spent, b_errors) = results
     return (a, sum(a_spent), a_errors), (b, sum(b_spent), b_errors)
