@@ -313,8 +313,8 @@ def configure_logging(log_dir: str | Path, level: str = "INFO") -> None:
     # The root logger filters at the same level, so libraries' debug records (httpcore's dozen per
     # webhook request, RQ's per job) are dropped where they are made instead of built and then discarded.
     logging.basicConfig(handlers=[_InterceptHandler()], level=level.upper(), force=True)
-    # One request line per engine call and RQ's two "job OK" lines repeat what the request log says, at
-    # a cost per job; RQ's line for each job taken stays in app.log.
+    # httpx's request line per webhook delivery repeats the delivery's own log line, and RQ's two "job OK"
+    # lines repeat what the request log says, at a cost per job; RQ's line for each job taken stays in app.log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("rq.worker").addFilter(_not_per_job_success)
 
