@@ -116,10 +116,10 @@ class EngineWorker(SimpleWorker):
 
     def prepare_execution(self, job: Job) -> Execution:
         """Create the job's execution record in the pipeline `prepare_job_execution` sends (RQ sends two)."""
-        self._start_pipeline = self.connection.pipeline()
-        execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=self._start_pipeline, worker_name=self.name)
+        pipeline = self._start_pipeline = self.connection.pipeline()
+        execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=pipeline, worker_name=self.name)
         self.executions[execution.id] = execution
-        self.set_state(WorkerStatus.BUSY, pipeline=self._start_pipeline)
+        self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
         return execution
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
