@@ -23,8 +23,9 @@ from typing import Any
 
 from loguru import logger
 from rq.executions import Execution
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.queue import Queue
+from rq.rate_limit import release_slot
 from rq.registry import CanceledJobRegistry
 from rq.suspension import WORKERS_SUSPENDED
 from rq.utils import current_timestamp, now, utcparse
@@ -139,6 +140,32 @@ class EngineWorker(SimpleWorker):
         """RQ's cleanup of the execution record, with the worker's state back to idle in the same transaction."""
         super().cleanup_execution(job, pipeline, execution)
         self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Execution) -> None:
+        """File a finished job as RQ does, in one transaction and without RQ's look for dependent jobs.
+
+        RQ first watches the job's dependents and reads them (two round trips per job) to enqueue the
+        jobs that waited on this one; the service never makes jobs that depend on others, nor repeating
+        jobs. The rest is RQ's body: counters, result, expiry, execution record, then the fair-share slot.
+        """
+        with self.connection.pipeline() as pipeline:
+            self.increment_successful_job_count(pipeline=pipeline)
+            self.increment_total_working_time(job.ended_at - job.started_at, pipeline)
+            result_ttl = job.get_result_ttl(self.default_result_ttl)
+            if result_ttl != 0:
+                job._handle_success(
+                    result_ttl,
+                    pipeline=pipeline,
+                    worker_name=self.name,
+                    execution_id=execution.id,
+                    execution_started_at=execution.created_at,
+                    execution_ended_at=job.ended_at,
+                )
+            job.cleanup(result_ttl, pipeline=pipeline, remove_from_queue=False)
+            job._status = JobStatus.FINISHED
+            self.cleanup_execution(job, pipeline=pipeline, execution=execution)
+            pipeline.execute()
+        release_slot(job)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         """Note the end time. RQ also renews the job's heartbeat here; the heartbeat thread does until it is filed."""
