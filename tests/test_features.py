@@ -21,7 +21,7 @@ from rq.registry import CanceledJobRegistry, ScheduledJobRegistry
 from rq.worker import SimpleWorker
 
 from tests.conftest import KEY, OTHER_KEY, free_port, reset_worker_caches, run_worker
-from web import create_app
+from web import create_app, tasks
 from worker import contract
 
 AUTH = {"X-API-Key": KEY}
@@ -248,6 +248,20 @@ def test_a_keys_high_job_is_not_held_behind_its_own_low_flood(app_config, redis_
 
 
 # --- Idempotent submit -------------------------------------------------------------------------
+
+
+def test_submit_loads_the_admission_script_again_after_redis_lost_its_scripts(app_config, redis_conn):
+    client = create_app({**app_config, "FAIR_SHARE_SLOTS": 2}).test_client()
+    first = submit(client, "before the flush")
+    assert redis_conn.script_exists(tasks.ADMISSION_SHA) == [True]
+    redis_conn.script_flush()  # as after a Redis restart
+    second = submit(client, "after the flush")
+    third = submit(client, "held back by the fair share")
+    assert redis_conn.script_exists(tasks.ADMISSION_SHA) == [True]
+    queue = Queue(contract.QUEUE_NORMAL, connection=redis_conn)
+    assert queue.get_job_ids() == [first, second]
+    assert client.get(f"/status/{third}", headers=AUTH).get_json()["status"] == "queued"
+    assert Job.fetch(third, connection=redis_conn).get_status() == "rate_limited"
 
 
 def test_idempotency_key_returns_the_same_task_and_refuses_another_body(client, redis_conn):

@@ -26,7 +26,7 @@ from rq import Callback, Queue, Retry
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
-from rq.rate_limit import RateLimit, RateLimitRegistry
+from rq.rate_limit import ACQUIRE_AND_ENQUEUE_SCRIPT, RateLimit, RateLimitRegistry
 from rq.registry import StartedJobRegistry
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
@@ -110,7 +110,7 @@ def submit(requests: list[dict[str, Any]], owner: str, task_ids: list[str] | Non
     config = current_app.config
     connection = redis_connection()
     cap = config["MAX_QUEUED_JOBS"]
-    lengths = queue_lengths(connection)  # for the cap, and each job's position in its `queued` event
+    lengths, admission_loaded = _read_before_submit(connection)
     if cap > 0 and sum(lengths) + len(requests) > cap:
         raise QueueFull(f"{cap} jobs are already waiting; try again later")
     task_ids = task_ids or [new_task_id() for _ in requests]
@@ -122,8 +122,26 @@ def submit(requests: list[dict[str, Any]], owner: str, task_ids: list[str] | Non
             queue = Queue(name, connection=connection)
             _enqueue(pipe, queue, dict(request), owner, task_id, ahead=sum(lengths[: own + 1]))
             lengths[own] += 1
+        if admission_loaded:
+            # redis-py would ask again (SCRIPT EXISTS) before sending the transaction: one round trip more.
+            pipe.scripts = {script for script in pipe.scripts if script.sha != ADMISSION_SHA}
         pipe.execute()
     return task_ids
+
+
+ADMISSION_SHA = hashlib.sha1(ACQUIRE_AND_ENQUEUE_SCRIPT.encode()).hexdigest()
+"""RQ's fair-share admission script, which the submit transaction runs by its hash (EVALSHA)."""
+
+
+def _read_before_submit(connection: Redis) -> tuple[list[int], bool]:
+    """Return the queue lengths (for the cap, and each job's position in its `queued` event) and whether
+    Redis has RQ's admission script, read in one round trip."""
+    with connection.pipeline(transaction=False) as pipe:
+        for name in contract.QUEUES:
+            pipe.llen(Queue(name, connection=connection).key)
+        pipe.script_exists(ADMISSION_SHA)
+        *lengths, (loaded,) = pipe.execute()
+    return lengths, loaded
 
 
 def _enqueue(pipe: Pipeline, queue: Queue, request: dict[str, Any], owner: str, task_id: str, ahead: int) -> None:
