@@ -103,7 +103,7 @@ class Stack:
         port = free_port()
         argv = [str(BIN / "gunicorn"), "--workers", str(workers), "--worker-class", "gevent",
                 "--worker-connections", "1000", "--bind", f"127.0.0.1:{port}", "--preload",
-                "web:create_app()"]  # fmt: skip
+                "--access-logfile", "-", "web:create_app()"]  # fmt: skip
         process, log = self._start("web", argv, self._service_env(redis_url, engine_url))
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: httpx.get(url + "/").status_code == 200, 30, "gunicorn", process, log)
