@@ -154,7 +154,7 @@ def test_long_poll_returns_as_soon_as_the_final_event_is_published(client, redis
 
     def long_poll():
         response = client.get(f"/result/{task_id}?wait=20", headers=AUTH)
-        answers.append((time.monotonic(), response.status_code, response.get_json()["status"]))
+        answers.append((time.monotonic(), response.status_code, response.get_json()))
 
     poller = threading.Thread(target=long_poll)
     poller.start()
@@ -162,9 +162,10 @@ def test_long_poll_returns_as_soon_as_the_final_event_is_published(client, redis
     run_worker(redis_conn)
     finished = time.monotonic()
     poller.join(timeout=25)
-    [(answered, code, status)] = answers
-    assert (code, status) == (200, "completed")
+    [(answered, code, body)] = answers
+    assert (code, body["status"]) == (200, "completed")
     assert answered - finished < 2  # not the 20 s wait
+    assert body == client.get(f"/result/{task_id}", headers=AUTH).get_json()  # the final event says what RQ stored
 
 
 # --- Queue position and ETA --------------------------------------------------------------------

@@ -127,10 +127,10 @@ def result(query, task_id):
 
     With `wait=N` the answer comes as soon as the task finishes, or after N seconds at most.
     """
-    job = tasks.find(task_id, g.owner)
+    job, final = tasks.find(task_id, g.owner), None
     if query["wait"]:
-        job = tasks.wait_until_finished(job, query["wait"])
-    described = tasks.result_of(job)
+        job, final = tasks.wait_until_finished(job, query["wait"])
+    described = tasks.result_of(job, final)
     if described["status"] in contract.UNFINISHED_STATUSES:
         return described, 202
     return described

@@ -247,30 +247,35 @@ def find(task_id: str, owner: str) -> Job:
     return job
 
 
-def wait_until_finished(job: Job, seconds: int) -> Job:
-    """Block until the job's final event is published or `seconds` pass; return the job, fresh if it has not finished.
+def wait_until_finished(job: Job, seconds: int) -> tuple[Job, dict[str, Any] | None]:
+    """Block until the job's final event is published or `seconds` pass.
 
-    It waits on the job's one-entry "finished" stream, so token events do not wake it. A job that has
-    finished is not read again: `result_of` answers from its final event, published with that entry.
+    Returns the job, and the final event's body if the job finished while waiting; if it did not, the
+    job is read again. It waits on the job's one-entry "finished" stream, so token events do not wake it,
+    and the read of the final event is sent with the wait, so Redis answers both in one round trip.
     """
     if contract.public_status(job.get_status(refresh=False)) not in contract.UNFINISHED_STATUSES:
-        return job
-    blocking = current_app.extensions["redis_blocking"]
-    if not blocking.xread({contract.finished_key(job.id): "0"}, count=1, block=seconds * 1000):
+        return job, None
+    with current_app.extensions["redis_blocking"].pipeline(transaction=False) as pipe:
+        pipe.xread({contract.finished_key(job.id): "0"}, count=1, block=seconds * 1000)
+        pipe.xrevrange(contract.events_key(job.id), count=1)
+        finished, last = pipe.execute()
+    final = _final_of(last) if finished else None
+    if final is None:
         job.refresh()
-    return job
+    return job, final
 
 
-def result_of(job: Job) -> dict[str, Any]:
+def result_of(job: Job, final: dict[str, Any] | None = None) -> dict[str, Any]:
     """Describe the job: result and metrics, error, partial text, or its status and place in the queue.
 
-    The worker publishes a job's final event a moment before RQ stores its outcome; in that moment
-    the final event's body is the answer, so a client that saw `completed` on the stream never reads
-    `processing` here.
+    `final` is the job's final event body when the caller has it. The worker publishes a job's final
+    event a moment before RQ stores its outcome; in that moment the final event's body is the answer,
+    so a client that saw `completed` on the stream never reads `processing` here.
     """
-    described = outcome.describe(job)
+    described = final or outcome.describe(job)
     if described["status"] in contract.UNFINISHED_STATUSES:
-        described = _final_body(job.id) or described
+        described = _final_of(redis_connection().xrevrange(contract.events_key(job.id), count=1)) or described
     return _with_extras(job, described)
 
 
@@ -278,8 +283,8 @@ status_of = result_of
 """`/status` answers like `/result`: the result is small, and the seed's clients ignore extra fields."""
 
 
-def _final_body(task_id: str) -> dict[str, Any] | None:
-    entries = redis_connection().xrevrange(contract.events_key(task_id), count=1)
+def _final_of(entries: list[Any]) -> dict[str, Any] | None:
+    """The body of the job's final event, given the last entry of its event stream; None if it has not ended."""
     if entries and entries[0][1][b"event"].decode() in contract.FINAL_EVENTS:
         return json.loads(entries[0][1][b"data"])
     return None
