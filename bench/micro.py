@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+import aiohttp
 from redis import Redis
 from rq import Queue
 from rq.job import Job
@@ -32,14 +32,16 @@ async def submit_at_rate(api_url: str, rate: float, seconds: float) -> dict[str,
     latencies: list[float] = []
     errors = 0
     body = {"prompt": "fixed rate", "max_tokens": 1}
-    async with httpx.AsyncClient(base_url=api_url, headers={"X-API-Key": API_KEY}, timeout=30) as client:
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(api_url, headers={"X-API-Key": API_KEY}, timeout=timeout) as client:
 
         async def one() -> None:
             nonlocal errors
             started = time.perf_counter()
-            response = await client.post("/generate", json=body)
+            async with client.post("/generate", json=body) as response:
+                await response.read()
             latencies.append((time.perf_counter() - started) * 1000)
-            errors += response.status_code != 202
+            errors += response.status != 202
 
         start = time.perf_counter()
         tasks = []
