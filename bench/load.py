@@ -69,6 +69,7 @@ async def through_api(client: aiohttp.ClientSession, api_url: str, index: int, m
     while True:
         try:
             async with client.get(f"{api_url}/result/{task_id}", params={"wait": wait}, headers=headers) as response:
+                response.raise_for_status()  # 202 means not finished yet: ask again
                 if response.status == 200:
                     result = await response.json()
                     break
