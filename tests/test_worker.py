@@ -190,6 +190,36 @@ def test_timeout_closes_the_engine_stream(app_config, redis_conn, worker_env, st
     wait_until(lambda: prompt in stand_in.aborted, 3, "the engine to see the request aborted")
 
 
+def test_a_job_running_past_its_first_heartbeat_is_kept_alive_by_the_beat(
+    client, redis_conn, worker_env, stand_in, monkeypatch
+):
+    from rq.registry import StartedJobRegistry
+
+    from tests.conftest import reset_worker_caches
+    from worker import contract
+
+    monkeypatch.setenv("JOB_MONITORING_INTERVAL", "1")
+    monkeypatch.setenv("HEARTBEAT_GRACE", "1")  # each heartbeat lives 2 s
+    reset_worker_caches()
+    task_id = submit(client, prompt=f"stand-in:sleep=4 {uuid.uuid4()}")
+    registry = StartedJobRegistry(contract.QUEUE_NORMAL, connection=redis_conn)
+    still_running = []
+
+    def sweep() -> None:
+        time.sleep(3)  # past the 2 s of the heartbeat the job started with
+        registry.cleanup()  # RQ's sweep: a job whose heartbeat expired is taken as abandoned
+        still_running.append(task_id in registry.get_job_ids())
+
+    sweeper = threading.Thread(target=sweep)
+    sweeper.start()
+    run_worker(redis_conn)  # in this thread: RQ's worker sets signal handlers
+    sweeper.join()
+    assert still_running == [True]
+    body = client.get(f"/result/{task_id}", headers=AUTH).get_json()
+    assert body["status"] == "completed"
+    assert "attempt" not in body  # never retried
+
+
 def test_ignore_eos_is_forwarded_for_fixed_length_output(client, redis_conn, worker_env, stand_in):
     prompt = f"fixed length {uuid.uuid4()}"
     body = finish(client, redis_conn, submit(client, prompt=prompt, max_tokens=5, ignore_eos=True))
