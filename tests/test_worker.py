@@ -201,11 +201,12 @@ def test_a_job_running_past_its_first_heartbeat_is_kept_alive_by_the_beat(
     monkeypatch.setenv("JOB_MONITORING_INTERVAL", "1")
     monkeypatch.setenv("HEARTBEAT_GRACE", "1")  # each heartbeat lives 2 s
     reset_worker_caches()
-    task_id = submit(client, prompt=f"stand-in:sleep=4 {uuid.uuid4()}")
+    task_id = submit(client, prompt=f"stand-in:sleep=6 {uuid.uuid4()}")
     registry = StartedJobRegistry(contract.QUEUE_NORMAL, connection=redis_conn)
     still_running = []
 
     def sweep() -> None:
+        wait_until(lambda: task_id in registry.get_job_ids(), 10, "the job to start")
         time.sleep(3)  # past the 2 s of the heartbeat the job started with
         registry.cleanup()  # RQ's sweep: a job whose heartbeat expired is taken as abandoned
         still_running.append(task_id in registry.get_job_ids())
