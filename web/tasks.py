@@ -50,9 +50,14 @@ def redis_connection() -> Redis:
 def queue_lengths(connection: Redis) -> list[int]:
     """Jobs waiting in each queue, in priority order, read in one round trip."""
     with connection.pipeline(transaction=False) as pipe:
-        for name in contract.QUEUES:
-            pipe.llen(Queue(name, connection=connection).key)
+        _ask_queue_lengths(pipe, connection)
         return pipe.execute()
+
+
+def _ask_queue_lengths(pipe: Pipeline, connection: Redis) -> None:
+    """Queue on `pipe` the length of each queue, in priority order."""
+    for name in contract.QUEUES:
+        pipe.llen(Queue(name, connection=connection).key)
 
 
 def queued_jobs(connection: Redis) -> int:
@@ -137,8 +142,7 @@ def _read_before_submit(connection: Redis) -> tuple[list[int], bool]:
     """Return the queue lengths (for the cap, and each job's position in its `queued` event) and whether
     Redis has RQ's admission script, read in one round trip."""
     with connection.pipeline(transaction=False) as pipe:
-        for name in contract.QUEUES:
-            pipe.llen(Queue(name, connection=connection).key)
+        _ask_queue_lengths(pipe, connection)
         pipe.script_exists(ADMISSION_SHA)
         *lengths, (loaded,) = pipe.execute()
     return lengths, loaded
