@@ -29,6 +29,24 @@ def test_rate_limit_per_key_is_429_with_retry_after(app_config, redis_conn):
     assert first.get("/health").status_code in (200, 503)  # reads are not limited
 
 
+def test_rate_limit_counts_each_request_of_a_batch_but_not_a_refused_submit(app_config, redis_conn):
+    client = create_app({**app_config, "RATE_LIMIT_PER_MINUTE": 5}).test_client()
+
+    def batch(size: int):
+        return client.post("/generate/batch", json={"requests": [VALID] * size}, headers=AUTH)
+
+    assert batch(3).status_code == 202
+    refused = batch(3)  # 6 > 5: refused whole, and its 3 are not counted
+    assert refused.status_code == 429
+    assert 0 < int(refused.headers["Retry-After"]) <= 60
+    assert batch(2).status_code == 202  # exactly 5
+    assert client.post("/generate", json=VALID, headers=AUTH).status_code == 429
+    assert queued_count(redis_conn) == 5
+    (counter,) = redis_conn.keys(f"{contract.KEY_PREFIX}rate:*")
+    assert int(redis_conn.get(counter)) == 5
+    assert 0 < redis_conn.ttl(counter) <= 60  # the window closes; the counter does not outlive it
+
+
 def test_rate_limit_off_when_zero(app_config, redis_conn):
     client = create_app({**app_config, "RATE_LIMIT_PER_MINUTE": 0}).test_client()
     assert all(client.post("/generate", json=VALID, headers=AUTH).status_code == 202 for _ in range(20))

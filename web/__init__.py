@@ -12,7 +12,6 @@ from redis.retry import Retry
 
 from web import errors
 from web.api import Api
-from web.limits import init_limits
 from web.schemas import MAX_RESULT_WAIT, document_request_limits
 from web.settings import config_from_env
 from worker import contract
@@ -51,7 +50,6 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.extensions["redis_blocking"] = Redis.from_url(
         app.config["REDIS_URL"], socket_connect_timeout=0.5, socket_timeout=MAX_RESULT_WAIT + 5
     )
-    init_limits(app)
     api = Api(app)
     api.register_blueprint(health.bp)
     api.register_blueprint(jobs.bp)

@@ -6,7 +6,6 @@ from typing import Any
 
 import redis.exceptions
 from flask import Flask, jsonify
-from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import HTTPException
 
 
@@ -24,6 +23,14 @@ class ServiceMisconfigured(Exception):
 
 class QueueFull(Exception):
     """More jobs are waiting than MAX_QUEUED_JOBS allows."""
+
+
+class RateLimited(Exception):
+    """The API key has used its RATE_LIMIT_PER_MINUTE submits of the current window."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class InvalidHeader(Exception):
@@ -47,7 +54,7 @@ ERROR_MAP: dict[type[BaseException], tuple[int, str]] = {
     InvalidHeader: (400, "validation_error"),
     AlreadyFinished: (409, "already_finished"),
     IdempotencyConflict: (409, "idempotency_conflict"),
-    RateLimitExceeded: (429, "rate_limited"),
+    RateLimited: (429, "rate_limited"),
     redis.exceptions.ConnectionError: (503, "queue_unavailable"),
     redis.exceptions.TimeoutError: (503, "queue_unavailable"),
 }
@@ -60,16 +67,12 @@ RETRY_AFTER_SECONDS = 5
 
 
 def _message(exc: Exception, error_type: str) -> str:
-    if isinstance(exc, RateLimitExceeded):
-        return f"rate limit reached for this API key: {exc.description}"
     return _MESSAGES.get(error_type) or str(exc)
 
 
 def _retry_after(exc: Exception) -> int:
-    """Seconds a client should wait: a rate limit's window, else RETRY_AFTER_SECONDS."""
-    if isinstance(exc, RateLimitExceeded):
-        return exc.limit.limit.get_expiry()
-    return RETRY_AFTER_SECONDS
+    """Seconds a client should wait: what is left of a rate limit's window, else RETRY_AFTER_SECONDS."""
+    return getattr(exc, "retry_after", RETRY_AFTER_SECONDS)
 
 
 def error_body(error_type: str, message: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from web import tasks
 from web.api import Blueprint
 from web.auth import require_api_key
 from web.errors import InvalidHeader
-from web.limits import batch_cost, limiter, rate_limit_off, submit_rate
 from web.schemas import (
     BatchAcceptedSchema,
     BatchRequestSchema,
@@ -79,7 +78,6 @@ def submit_errors(view):
 @bp.response(202, TaskAcceptedSchema)
 @bp.alt_response(200, schema=TaskStatusSchema, description="Retried with a known Idempotency-Key: the same task")
 @submit_errors
-@limiter.limit(submit_rate, exempt_when=rate_limit_off)
 def generate(payload):
     """Queue a generation and return its task id at once."""
     task_ids, new = _submit([payload], payload)
@@ -95,7 +93,6 @@ def generate(payload):
 @bp.response(202, BatchAcceptedSchema)
 @bp.alt_response(200, schema=BatchAcceptedSchema, description="Retried with a known Idempotency-Key: the same tasks")
 @submit_errors
-@limiter.limit(submit_rate, exempt_when=rate_limit_off, cost=batch_cost)
 def generate_batch(batch):
     """Queue up to MAX_BATCH generations validated as a whole; return their task ids in order.
 

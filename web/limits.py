@@ -1,48 +1,47 @@
-"""The per-key submit rate limit, counted in Redis so every gunicorn worker shares it."""
+"""The per-key submit rate limit, counted in Redis so every gunicorn worker shares it.
+
+Each API key has a one-minute window that opens at its first submit. A submit adds its cost (1, or the number
+of requests in a batch); one that would take the key past RATE_LIMIT_PER_MINUTE is refused with the seconds
+left in the window, and is not counted. The count is sent in the same round trip as the submit's other reads
+(`tasks.submit`), so the limit costs three commands in a pipeline instead of a round trip of its own.
+"""
 
 from __future__ import annotations
 
-import json
+import math
 
-from flask import Flask, current_app, request
-from flask_limiter import Limiter
+from redis import Redis
+from redis.client import Pipeline
 
-from web.auth import HEADER, key_fingerprint
+from web.errors import RateLimited
+from worker import contract
 
-
-def api_key_bucket() -> str:
-    """Count requests per API key (its fingerprint; the key itself is never stored)."""
-    return key_fingerprint(request.headers.get(HEADER, ""))
-
-
-def submit_rate() -> str:
-    return f"{current_app.config['RATE_LIMIT_PER_MINUTE']}/minute"
+WINDOW_SECONDS = 60
+COUNT_REPLIES = 3
+"""Replies of the commands `ask_count` queues."""
 
 
-def rate_limit_off() -> bool:
-    return current_app.config["RATE_LIMIT_PER_MINUTE"] <= 0
+def _counter(owner: str) -> str:
+    return f"{contract.KEY_PREFIX}rate:{owner}"
 
 
-limiter = Limiter(
-    key_func=api_key_bucket,
-    strategy="moving-window",
-    # If Redis is down the submit itself answers 503; the limiter must not turn that into a 500.
-    swallow_errors=True,
-)
+def ask_count(pipe: Pipeline, owner: str, cost: int) -> None:
+    """Queue on `pipe` the commands that count a submit of `cost` for `owner` (COUNT_REPLIES replies)."""
+    counter = _counter(owner)
+    pipe.incrby(counter, cost)
+    pipe.expire(counter, WINDOW_SECONDS, nx=True)  # the window opens with the first submit in it
+    pipe.pttl(counter)
 
 
-def init_limits(app: Flask) -> None:
-    """Keep the limiter's counters in the service's Redis; switch it off entirely when the limit is 0."""
-    app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"])
-    app.config.setdefault("RATELIMIT_ENABLED", app.config["RATE_LIMIT_PER_MINUTE"] > 0)
-    limiter.init_app(app)
+def check_count(replies: list, connection: Redis, owner: str, cost: int, limit: int) -> None:
+    """Refuse the submit counted by `ask_count` (its `replies`) if it took `owner` past `limit`.
 
-
-def batch_cost() -> int:
-    """A batch counts as one submit per request it carries."""
-    try:
-        body = json.loads(request.get_data(cache=True) or b"null")
-    except ValueError:
-        return 1
-    requests = body.get("requests") if isinstance(body, dict) else None
-    return max(len(requests), 1) if isinstance(requests, list) else 1
+    Raises:
+        RateLimited: with the whole seconds until the window closes; the submit's count is taken back.
+    """
+    count, _, left_ms = replies
+    if count <= limit:
+        return
+    connection.decrby(_counter(owner), cost)
+    retry_after = max(1, math.ceil(left_ms / 1000)) if left_ms > 0 else WINDOW_SECONDS
+    raise RateLimited(f"rate limit reached for this API key: {limit} submits per minute", retry_after)

@@ -17,7 +17,7 @@ MAX_PROMPT_CHARS = 32_000
 MAX_BODY_BYTES = 1_048_576
 """Largest request body; larger ones get 413."""
 RATE_LIMIT_PER_MINUTE = 600
-"""Submits one API key may make per minute (moving window); 0 turns the limit off."""
+"""Submits one API key may make per minute (a window opened by its first submit); 0 turns the limit off."""
 MAX_QUEUED_JOBS = 10_000
 """Jobs waiting across the queues above which submits get 503; 0 turns the cap off."""
 HEALTH_TIMEOUT = 1.0

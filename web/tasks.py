@@ -30,6 +30,7 @@ from rq.rate_limit import ACQUIRE_AND_ENQUEUE_SCRIPT, RateLimit, RateLimitRegist
 from rq.registry import StartedJobRegistry
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
+from web import limits
 from web.errors import AlreadyFinished, IdempotencyConflict, QueueFull, TaskNotFound
 from worker import contract, outcome
 
@@ -108,6 +109,7 @@ def submit(requests: list[dict[str, Any]], owner: str, task_ids: list[str] | Non
     """Enqueue one job per request, owned by `owner`; return their task ids in order.
 
     Raises:
+        RateLimited: the key has used its RATE_LIMIT_PER_MINUTE submits (a batch counts each request).
         QueueFull: the requests would take the waiting jobs past MAX_QUEUED_JOBS. Submits running at
             the same moment in other gunicorn workers may each pass the check, so the cap can be
             passed by at most that many.
@@ -115,7 +117,7 @@ def submit(requests: list[dict[str, Any]], owner: str, task_ids: list[str] | Non
     config = current_app.config
     connection = redis_connection()
     cap = config["MAX_QUEUED_JOBS"]
-    lengths, admission_loaded = _read_before_submit(connection)
+    lengths, admission_loaded = _read_before_submit(connection, owner, len(requests), config["RATE_LIMIT_PER_MINUTE"])
     if cap > 0 and sum(lengths) + len(requests) > cap:
         raise QueueFull(f"{cap} jobs are already waiting; try again later")
     task_ids = task_ids or [new_task_id() for _ in requests]
@@ -138,13 +140,24 @@ ADMISSION_SHA = hashlib.sha1(ACQUIRE_AND_ENQUEUE_SCRIPT.encode()).hexdigest()
 """RQ's fair-share admission script, which the submit transaction runs by its hash (EVALSHA)."""
 
 
-def _read_before_submit(connection: Redis) -> tuple[list[int], bool]:
-    """Return the queue lengths (for the cap, and each job's position in its `queued` event) and whether
-    Redis has RQ's admission script, read in one round trip."""
+def _read_before_submit(connection: Redis, owner: str, cost: int, rate: int) -> tuple[list[int], bool]:
+    """Count the submit against `owner`'s rate limit (`rate` per minute, 0: off) and return the queue lengths
+    (for the cap, and each job's position in its `queued` event) and whether Redis has RQ's admission
+    script, all in one round trip.
+
+    Raises:
+        RateLimited: the submit would take `owner` past `rate`.
+    """
     with connection.pipeline(transaction=False) as pipe:
+        if rate > 0:
+            limits.ask_count(pipe, owner, cost)
         _ask_queue_lengths(pipe, connection)
         pipe.script_exists(ADMISSION_SHA)
-        *lengths, (loaded,) = pipe.execute()
+        replies = pipe.execute()
+    if rate > 0:
+        limits.check_count(replies[: limits.COUNT_REPLIES], connection, owner, cost, rate)
+        replies = replies[limits.COUNT_REPLIES :]
+    *lengths, (loaded,) = replies
     return lengths, loaded
 
 
