@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from redis import Redis
+    from redis.client import Pipeline
     from rq.job import Job
 
 ERROR_TYPES: dict[type[BaseException], str] = {
@@ -45,6 +46,10 @@ ERROR_TYPES: dict[type[BaseException], str] = {
     JobCancelled: contract.ERROR_CANCELLED,
 }
 MAX_RETRY_DELAY = 30  # seconds
+PENDING_TEXT = "_pending_text"
+"""Attribute `generate` leaves on its job: the text not yet in a `token` event, which `on_success` publishes."""
+ATTEMPT_BEGUN = "_attempt_begun"
+"""Attribute `EngineWorker` sets on a job whose attempt it began in RQ's start transaction: the cancel check's reply."""
 
 
 @cache
@@ -81,7 +86,7 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
         except EngineInterrupted:
             tokens.flush()
             raise JobCancelled("cancelled while running", tokens.partial()) from None
-        tokens.flush()
+        setattr(job, PENDING_TEXT, tokens.take_unsent())  # published with the final event (`on_success`)
     return {
         contract.RESULT_TEXT: completion.text,
         contract.RESULT_FINISH_REASON: completion.finish_reason,
@@ -121,9 +126,14 @@ class TokenPublisher:
 
     def flush(self) -> None:
         if self.unsent:
-            outcome.publish(self.connection, self.task_id, contract.EVENT_TOKEN, {"text": "".join(self.unsent)})
-            self.unsent.clear()
+            outcome.publish(self.connection, self.task_id, contract.EVENT_TOKEN, {"text": self.take_unsent()})
         self.sent_at = time.monotonic()
+
+    def take_unsent(self) -> str:
+        """Return the text not yet published, and forget it: the caller publishes it."""
+        text = "".join(self.unsent)
+        self.unsent.clear()
+        return text
 
     def partial(self) -> dict[str, Any]:
         """What was generated so far: text, pieces received (one token each from vLLM), TTFT."""
@@ -134,18 +144,23 @@ class TokenPublisher:
         }
 
 
-def start_attempt(job: Job, queue_ttl: int) -> None:
-    """Count this attempt, tell the job's stream it started; refuse a cancelled or expired job.
-
-    One round trip: the meta write, the cancel check and the `started` event go in one pipeline.
-    """
+def begin_attempt(job: Job, pipe: Pipeline) -> None:
+    """Queue on `pipe` the start of this attempt: the cancel check (the first reply), the attempt count in the
+    job's meta and the `started` event. The worker sends them with RQ's start transaction (one round trip)."""
     attempt = job.meta.get(contract.META_ATTEMPT, 0) + 1
     job.meta[contract.META_ATTEMPT] = attempt
-    with job.connection.pipeline() as pipe:
-        pipe.exists(contract.cancel_key(job.id))
-        pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
-        outcome.publish(pipe, job.id, contract.EVENT_STARTED, {"attempt": attempt})
-        cancelled = pipe.execute()[0]
+    pipe.exists(contract.cancel_key(job.id))
+    pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+    outcome.publish(pipe, job.id, contract.EVENT_STARTED, {"attempt": attempt})
+
+
+def start_attempt(job: Job, queue_ttl: int) -> None:
+    """Refuse a cancelled or expired job; begin the attempt here if the worker did not (`begin_attempt`)."""
+    cancelled = getattr(job, ATTEMPT_BEGUN, None)
+    if cancelled is None:
+        with job.connection.pipeline() as pipe:
+            begin_attempt(job, pipe)
+            cancelled = pipe.execute()[0]
     if cancelled:
         raise JobCancelled("cancelled before it started")
     if job.enqueued_at is not None:
@@ -157,7 +172,7 @@ def start_attempt(job: Job, queue_ttl: int) -> None:
 def on_success(job: Job, connection: Redis, result: dict[str, Any]) -> None:
     """Publish the job's final event (and webhook) and write its success line to the request log."""
     body = outcome.describe(job, status=contract.STATUS_COMPLETED, result=result)
-    outcome.finish(connection, job, body)
+    outcome.finish(connection, job, body, pending_text=getattr(job, PENDING_TEXT, ""))
     outcome.log_finished(job, body, _texts(job, result.get(contract.RESULT_TEXT)))
 
 

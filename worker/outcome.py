@@ -116,10 +116,14 @@ def publish(connection: Redis | Pipeline, task_id: str, event: str, data: dict[s
 
 # Publish the final event and keep the stream for as long as the result, once per job: the
 # worker and the web app (cancel) may both try, and an abandoned job's failure callback can run twice.
-# KEYS: events, finished stream, recent processing times. ARGV: event, data, ttl, processing time or "".
+# KEYS: events, finished stream, recent processing times. ARGV: event, data, ttl, processing time or "",
+# recent jobs kept, then the `token` event's name and data for text not yet published, or "".
 _FINISH_SCRIPT = """
 if redis.call('EXISTS', KEYS[2]) == 1 then
     return 0
+end
+if ARGV[7] ~= '' then
+    redis.call('XADD', KEYS[1], '*', 'event', ARGV[6], 'data', ARGV[7])
 end
 redis.call('XADD', KEYS[2], '*', 'event', ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
@@ -133,11 +137,12 @@ return 1
 """
 
 
-def finish(connection: Redis, job: Job, body: dict[str, Any]) -> bool:
+def finish(connection: Redis, job: Job, body: dict[str, Any], pending_text: str = "") -> bool:
     """Publish the job's final event (its data is `body`) and queue its webhook; False if already done.
 
-    The job's stream and the marker expire with the result. A completed job's processing time joins
-    the recent ones the queue ETA is computed from.
+    `pending_text`, generated text not yet in a `token` event, is published as one just before the final
+    event, in the same round trip. The job's stream and the marker expire with the result. A completed
+    job's processing time joins the recent ones the queue ETA is computed from.
     """
     event = {
         contract.STATUS_COMPLETED: contract.EVENT_COMPLETED,
@@ -149,7 +154,15 @@ def finish(connection: Redis, job: Job, body: dict[str, Any]) -> bool:
     script = connection.register_script(_FINISH_SCRIPT)
     first = script(
         keys=[contract.events_key(job.id), contract.finished_key(job.id), contract.RECENT_PROCESSING_KEY],
-        args=[event, json.dumps(body), ttl, "" if processing is None else processing, contract.RECENT_JOBS],
+        args=[
+            event,
+            json.dumps(body),
+            ttl,
+            "" if processing is None else processing,
+            contract.RECENT_JOBS,
+            contract.EVENT_TOKEN,
+            json.dumps({"text": pending_text}) if pending_text else "",
+        ],
     )
     if not first:
         return False

@@ -32,7 +32,7 @@ from rq.utils import current_timestamp, now, utcparse
 from rq.worker import SimpleWorker, WorkerStatus
 
 from worker import contract, outcome
-from worker.jobs import engine_client, worker_settings
+from worker.jobs import ATTEMPT_BEGUN, begin_attempt, engine_client, worker_settings
 
 ENGINE_POLL_INTERVAL = 1.0  # seconds between engine health checks while it is down
 HEARTBEAT_MARGIN = 5.0  # seconds a worker's registration must outlive its next wait for a job
@@ -51,6 +51,7 @@ class EngineWorker(SimpleWorker):
         self._engine_seen = False
         self._engine_down = False
         self._start_pipeline: Any = None
+        self._attempt_begun = False  # the start pipeline begins a generation's attempt (its first reply)
         self._registered_until = 0.0  # monotonic time the worker's registration expires, as last renewed
         self.log_result_lifespan = False  # "result is kept for N seconds" for every job says nothing new
         self._ordered_at = 0.0
@@ -116,8 +117,15 @@ class EngineWorker(SimpleWorker):
         self.set_state(WorkerStatus.IDLE)
 
     def prepare_execution(self, job: Job) -> Execution:
-        """Create the job's execution record in the pipeline `prepare_job_execution` sends (RQ sends two)."""
+        """Create the job's execution record in the pipeline `prepare_job_execution` sends (RQ sends two).
+
+        A generation's attempt begins in the same transaction (`worker.jobs.begin_attempt`), first, so its
+        cancel check is the transaction's first reply.
+        """
         pipeline = self._start_pipeline = self.connection.pipeline()
+        self._attempt_begun = job.func_name == contract.TASK_PATH
+        if self._attempt_begun:
+            begin_attempt(job, pipeline)
         execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=pipeline, worker_name=self.name)
         self.executions[execution.id] = execution
         self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
@@ -126,6 +134,7 @@ class EngineWorker(SimpleWorker):
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         """RQ's bookkeeping before a job runs (heartbeats, status started), sent with the execution record."""
         pipeline, self._start_pipeline = self._start_pipeline or self.connection.pipeline(), None
+        attempt_begun, self._attempt_begun = self._attempt_begun, False
         with pipeline:
             ttl = self.get_heartbeat_ttl(job)
             self.heartbeat(ttl, pipeline=pipeline)
@@ -134,7 +143,9 @@ class EngineWorker(SimpleWorker):
             pipeline.persist(job.key)
             if remove_from_intermediate_queue:
                 pipeline.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
-            pipeline.execute()
+            replies = pipeline.execute()
+        if attempt_begun:
+            setattr(job, ATTEMPT_BEGUN, bool(replies[0]))
 
     def cleanup_execution(self, job: Job, pipeline: Any, execution: Execution | None = None) -> None:
         """RQ's cleanup of the execution record, with the worker's state back to idle in the same transaction."""
