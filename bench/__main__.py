@@ -55,9 +55,10 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     first = 0
     for level in LEVELS:
         print(f"[{engine}] c={level}: {counts[level]} requests direct, then through the queue", flush=True)
-        if level == 1:  # one prompt direct, then the same through the queue: pairs seconds apart, not minutes
-            (direct_samples, direct_wall, direct_errors), (api_samples, api_wall, api_errors) = run(
-                load.alternating(lambda c, i: direct(c, index=i), lambda c, i: via_api(c, index=i), counts[1], first)
+        if level == 1:  # each prompt direct, through the queue, then direct again: seconds apart, not minutes
+            ways = [lambda c, i: direct(c, index=i), lambda c, i: via_api(c, index=i), lambda c, i: direct(c, index=i)]
+            (direct_samples, direct_wall, direct_errors), (api_samples, api_wall, api_errors), (again, _, _) = run(
+                load.alternating(ways, counts[1], first)
             )
         else:
             direct_samples, direct_wall, direct_errors = run(
@@ -72,6 +73,8 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
         }
         entry["queue_vs_direct_throughput"] = round(entry["queue"]["tokens_per_s"] / entry["direct"]["tokens_per_s"], 3)
         entry["added_latency"] = load.added_latency_ms(direct_samples, api_samples)
+        if level == 1:
+            entry["engine_repeat"] = load.repeat_difference_ms(direct_samples, again)
         out["levels"][level] = entry
         first += counts[level]
     out["memory"] = micro.process_memory(pool.pid, web.pid)

@@ -14,7 +14,7 @@ import asyncio
 import json
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -116,24 +116,20 @@ async def closed_loop(
 
 
 async def alternating(
-    first_request: Callable[[aiohttp.ClientSession, int], Awaitable[Sample]],
-    second_request: Callable[[aiohttp.ClientSession, int], Awaitable[Sample]],
-    count: int,
-    first: int = 0,
-) -> tuple[tuple[list[Sample], float, list[str]], tuple[list[Sample], float, list[str]]]:
-    """One client, each prompt sent one way then the other, so the pairs are measured seconds apart.
+    requests: Sequence[Callable[[aiohttp.ClientSession, int], Awaitable[Sample]]], count: int, first: int = 0
+) -> list[tuple[list[Sample], float, list[str]]]:
+    """One client, each prompt sent each way in turn, so the requests for one prompt are seconds apart.
 
     Returns, for each way: the samples, the time spent in its requests and the errors.
     """
-    results: tuple[tuple[list[Sample], list[float], list[str]], ...] = (([], [], []), ([], [], []))
+    results: list[tuple[list[Sample], list[float], list[str]]] = [([], [], []) for _ in requests]
     async with _session(2) as client:
         for index in range(first, first + count):
-            for request, (samples, spent, errors) in zip((first_request, second_request), results, strict=True):
+            for request, (samples, spent, errors) in zip(requests, results, strict=True):
                 started = time.perf_counter()
                 await _attempt(request, client, index, samples, errors)
                 spent.append(time.perf_counter() - started)
-    (a, a_spent, a_errors), (b, b_spent, b_errors) = results
-    return (a, sum(a_spent), a_errors), (b, sum(b_spent), b_errors)
+    return [(samples, sum(spent), errors) for samples, spent, errors in results]
 
 
 def _session(connections: int) -> aiohttp.ClientSession:
@@ -174,10 +170,22 @@ def summarize(samples: list[Sample], wall: float, errors: list[str]) -> dict[str
 def added_latency_ms(direct_samples: list[Sample], api_samples: list[Sample]) -> dict[str, float]:
     """Queue path minus engine alone, paired by prompt, from the server's timestamps (milliseconds)."""
     engine = {s.index: s.latency for s in direct_samples}
-    added = [(s.server_latency - engine[s.index]) * 1000 for s in api_samples if s.index in engine]
+    return _spread([(s.server_latency - engine[s.index]) * 1000 for s in api_samples if s.index in engine])
+
+
+def repeat_difference_ms(first_samples: list[Sample], again_samples: list[Sample]) -> dict[str, float]:
+    """The engine alone, the same prompt twice: the second latency minus the first (milliseconds).
+
+    The spread the engine itself brings to a paired difference: the floor under `added_latency_ms`.
+    """
+    first = {s.index: s.latency for s in first_samples}
+    return _spread([(s.latency - first[s.index]) * 1000 for s in again_samples if s.index in first])
+
+
+def _spread(differences: list[float]) -> dict[str, float]:
     return {
-        "pairs": len(added),
-        "p50_ms": round(percentile(added, 50), 2),
-        "p99_ms": round(percentile(added, 99), 2),
-        "max_ms": round(max(added), 2),
+        "pairs": len(differences),
+        "p50_ms": round(percentile(differences, 50), 2),
+        "p99_ms": round(percentile(differences, 99), 2),
+        "max_ms": round(max(differences), 2),
     }

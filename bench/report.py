@@ -14,10 +14,14 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
     for engine in ENGINES:
         if engine not in results:
             continue
-        added = _levels(results, engine)[1]["added_latency"]
+        level = _levels(results, engine)[1]
+        added, repeat = level["added_latency"], level.get("engine_repeat")
+        floor = ""
+        if repeat:
+            floor = f" (engine alone, same prompt twice: p50 {repeat['p50_ms']}, p99 {repeat['p99_ms']} ms)"
         rows.append((
             f"added latency over direct at c=1 ({engine}): p50 <= 5 ms, p99 <= 20 ms",
-            f"p50 {added['p50_ms']} ms, p99 {added['p99_ms']} ms",
+            f"p50 {added['p50_ms']} ms, p99 {added['p99_ms']} ms{floor}",
             added["p50_ms"] <= 5 and added["p99_ms"] <= 20,
         ))  # fmt: skip
     levels = _levels(results, "vllm-cpu")
@@ -140,7 +144,9 @@ def write(results: dict, docs: Path) -> None:
         f"long-polls `/result?wait={results['result_wait_s']}` (latency and throughput as the client saw them; the",
         "added latency uses the server's own timestamps: submit round trip + created->ended (RQ's), minus the direct",
         "latency of the same prompt); **one at a time** is the same stack with a single worker, like the design it",
-        "replaces. At c=1 each prompt goes direct, then through the queue, so the pairs are measured seconds apart.",
+        "replaces. At c=1 each prompt goes direct, through the queue, then direct again, seconds apart: the second",
+        "direct request gives the engine's own spread between two requests for the same prompt, the floor under",
+        "any paired difference.",
         f"Every request asks for a fixed number of tokens (`ignore_eos`). The stand-in engine (not vLLM) streams "
         f"one token every {results['stand_in_token_delay_s']} s with unlimited concurrency.",
         "Measured in steady state: before each engine's levels, the engine serves the c=1 prompts once and",
