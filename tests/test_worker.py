@@ -308,3 +308,18 @@ def test_a_job_that_cannot_reach_the_engine_makes_every_worker_check_it_first(cl
     assert worker._engine_down
     worker._wait_for_engine()  # the stand-in answers its health check: the mark is cleared for the pool
     assert not redis_conn.exists(contract.ENGINE_DOWN_KEY)
+
+
+def test_rq_suspend_stops_the_workers_after_the_job_they_are_running(client, redis_conn, worker_env):
+    from rq.suspension import resume, suspend
+
+    running = submit(client, prompt="stand-in:sleep=1 finish me")
+    waiting = submit(client, prompt="Say hello")
+    suspender = threading.Timer(0.3, suspend, args=(redis_conn,))  # `rq suspend`, while the first job runs
+    suspender.start()
+    run_worker(redis_conn)  # burst mode: a suspended worker exits instead of taking the next job
+    suspender.join()
+    assert client.get(f"/result/{running}", headers=AUTH).get_json()["status"] == "completed"
+    assert client.get(f"/status/{waiting}", headers=AUTH).get_json()["status"] == "queued"
+    resume(redis_conn)
+    assert finish(client, redis_conn, waiting)["status"] == "completed"

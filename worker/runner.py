@@ -37,6 +37,7 @@ from worker.jobs import ATTEMPT_BEGUN, begin_attempt, engine_client, worker_sett
 ENGINE_POLL_INTERVAL = 1.0  # seconds between engine health checks while it is down
 HEARTBEAT_MARGIN = 5.0  # seconds a worker's registration must outlive its next wait for a job
 AGING_CHECK_EVERY = 1.0  # seconds the queue order chosen by ageing is kept before looking again
+SUSPENSION_ANSWER_AGE = 1.0  # seconds an answer read at a job's end stands for the loop's suspension check
 SWEEP_KEY = f"{contract.KEY_PREFIX}sweep"  # held by the worker sweeping the registries this interval
 
 
@@ -52,6 +53,7 @@ class EngineWorker(SimpleWorker):
         self._engine_down = False
         self._start_pipeline: Any = None
         self._attempt_begun = False  # the start pipeline begins a generation's attempt (its first reply)
+        self._suspension_answer: tuple[float, int, int] | None = None  # (when, suspended, engine down)
         self._registered_until = 0.0  # monotonic time the worker's registration expires, as last renewed
         self.log_result_lifespan = False  # "result is kept for N seconds" for every job says nothing new
         self._ordered_at = 0.0
@@ -88,16 +90,26 @@ class EngineWorker(SimpleWorker):
         super().set_state(state, pipeline)
 
     def check_for_suspension(self, burst: bool) -> None:
-        """Ask once per loop, in one round trip, whether workers are suspended and the engine is marked down.
+        """Ask once per loop whether workers are suspended and the engine is marked down.
 
-        RQ renews the registration in the same pipeline; `heartbeat` does that on its own schedule here.
+        A job that has just succeeded asked in its end transaction (`handle_job_success`); otherwise it is
+        one round trip. RQ renews the registration in the same pipeline; `heartbeat` does that on its own
+        schedule here.
         """
-        with self.connection.pipeline(transaction=False) as pipe:
-            pipe.exists(WORKERS_SUSPENDED)
-            pipe.exists(contract.ENGINE_DOWN_KEY)
-            suspended, self._engine_down = pipe.execute()
+        answer, self._suspension_answer = self._suspension_answer, None
+        if answer is None or time.monotonic() - answer[0] > SUSPENSION_ANSWER_AGE:
+            with self.connection.pipeline(transaction=False) as pipe:
+                self._ask_suspension(pipe)
+                answer = (time.monotonic(), *pipe.execute())
+        _, suspended, self._engine_down = answer
         if suspended:
             super().check_for_suspension(burst)  # RQ's wait until `rq resume`
+
+    @staticmethod
+    def _ask_suspension(pipe: Any) -> None:
+        """Queue on `pipe` the two reads `check_for_suspension` needs (two replies)."""
+        pipe.exists(WORKERS_SUSPENDED)
+        pipe.exists(contract.ENGINE_DOWN_KEY)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """Keep a running job alive for one monitoring interval plus a short grace."""
@@ -158,6 +170,7 @@ class EngineWorker(SimpleWorker):
         RQ first watches the job's dependents and reads them (two round trips per job) to enqueue the
         jobs that waited on this one; the service never makes jobs that depend on others, nor repeating
         jobs. The rest is RQ's body: counters, result, expiry, execution record, then the fair-share slot.
+        The transaction also reads what the worker loop checks before its next job (`check_for_suspension`).
         """
         with self.connection.pipeline() as pipeline:
             self.increment_successful_job_count(pipeline=pipeline)
@@ -175,7 +188,9 @@ class EngineWorker(SimpleWorker):
             job.cleanup(result_ttl, pipeline=pipeline, remove_from_queue=False)
             job._status = JobStatus.FINISHED
             self.cleanup_execution(job, pipeline=pipeline, execution=execution)
-            pipeline.execute()
+            self._ask_suspension(pipeline)  # for the loop's next `check_for_suspension`
+            *_, suspended, engine_down = pipeline.execute()
+        self._suspension_answer = (time.monotonic(), suspended, engine_down)
         release_slot(job)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
