@@ -40,6 +40,8 @@ def test_rate_limit_counts_each_request_of_a_batch_but_not_a_refused_submit(app_
     assert refused.status_code == 429
     assert 0 < int(refused.headers["Retry-After"]) <= 60
     assert batch(2).status_code == 202  # exactly 5
+    never = batch(6)  # more than the limit itself: no wait would let it in, and the answer says so
+    assert never.status_code == 429 and "a batch of 6 requests is more than the 5" in never.get_json()["error_message"]
     assert client.post("/generate", json=VALID, headers=AUTH).status_code == 429
     assert queued_count(redis_conn) == 5
     (counter,) = redis_conn.keys(f"{contract.KEY_PREFIX}rate:*")
