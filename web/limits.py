@@ -43,8 +43,8 @@ def check_count(replies: list, connection: Redis, owner: str, cost: int, limit: 
     if count <= limit:
         return
     connection.decrby(_counter(owner), cost)
-    retry_after = max(1, math.ceil(left_ms / 1000)) if left_ms > 0 else WINDOW_SECONDS
     if cost > limit:
         message = f"a batch of {cost} requests is more than the {limit} submits per minute this API key may make"
         raise RateLimited(message, WINDOW_SECONDS)
+    retry_after = max(1, math.ceil(left_ms / 1000)) if left_ms > 0 else WINDOW_SECONDS
     raise RateLimited(f"rate limit reached for this API key: {limit} submits per minute", retry_after)

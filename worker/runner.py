@@ -52,7 +52,6 @@ class EngineWorker(SimpleWorker):
         self._engine_seen = False
         self._engine_down = False
         self._start_pipeline: Any = None
-        self._attempt_begun = False  # the start pipeline begins a generation's attempt (its first reply)
         self._suspension_answer: tuple[float, int, int] | None = None  # (when, suspended, engine down)
         self._registered_until = 0.0  # monotonic time the worker's registration expires, as last renewed
         self.log_result_lifespan = False  # "result is kept for N seconds" for every job says nothing new
@@ -135,8 +134,7 @@ class EngineWorker(SimpleWorker):
         cancel check is the transaction's first reply.
         """
         pipeline = self._start_pipeline = self.connection.pipeline()
-        self._attempt_begun = job.func_name == contract.TASK_PATH
-        if self._attempt_begun:
+        if job.func_name == contract.TASK_PATH:
             begin_attempt(job, pipeline)
         execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=pipeline, worker_name=self.name)
         self.executions[execution.id] = execution
@@ -145,8 +143,8 @@ class EngineWorker(SimpleWorker):
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         """RQ's bookkeeping before a job runs (heartbeats, status started), sent with the execution record."""
+        attempt_begun = self._start_pipeline is not None and job.func_name == contract.TASK_PATH
         pipeline, self._start_pipeline = self._start_pipeline or self.connection.pipeline(), None
-        attempt_begun, self._attempt_begun = self._attempt_begun, False
         with pipeline:
             ttl = self.get_heartbeat_ttl(job)
             self.heartbeat(ttl, pipeline=pipeline)
