@@ -20,9 +20,10 @@ from rq.job import Job
 from rq.registry import CanceledJobRegistry, ScheduledJobRegistry
 from rq.worker import SimpleWorker
 
-from tests.conftest import KEY, OTHER_KEY, free_port, reset_worker_caches, run_worker
+from tests.conftest import KEY, OTHER_KEY, free_port, reset_worker_caches, run_worker, wait_until
 from web import create_app, tasks
 from worker import contract
+from worker.runner import EngineWorker
 
 AUTH = {"X-API-Key": KEY}
 OTHER = {"X-API-Key": OTHER_KEY}
@@ -87,7 +88,7 @@ def test_cancel_finished_job_is_409_and_other_keys_get_404(client, redis_conn, w
 
 
 def test_job_cancelled_as_a_worker_takes_it_never_reaches_the_engine(client, redis_conn, worker_env, stand_in):
-    """The cancel flag is checked when the job starts, so the race between DELETE and dequeue is safe."""
+    """The worker reads the cancel flag with the job, before sending anything, so DELETE racing the dequeue is safe."""
     task_id = submit(client, "cancelled in the race")
     redis_conn.set(contract.cancel_key(task_id), 1)  # as DELETE sets it, before RQ removes the job
     seen = len(stand_in.requests)
@@ -96,6 +97,43 @@ def test_job_cancelled_as_a_worker_takes_it_never_reaches_the_engine(client, red
     body = client.get(f"/result/{task_id}", headers=AUTH).get_json()
     assert body["status"] == "cancelled"
     assert task_id in CanceledJobRegistry(contract.QUEUE_NORMAL, connection=redis_conn).get_job_ids()
+
+
+def test_job_request_reaches_the_engine_before_the_worker_records_its_start(client, redis_conn, worker_env, stand_in):
+    """The worker sends a generation to the engine as soon as it has read the job, so the engine works on it
+    during RQ's start transaction."""
+    task_id = submit(client, "sent ahead")
+    seen = len(stand_in.requests)
+    at_start = []
+
+    class Watching(EngineWorker):
+        def prepare_job_execution(self, job, *args, **kwargs):
+            deadline = time.monotonic() + 2
+            while "sent ahead" not in engine_prompts(stand_in, seen) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            at_start.append("sent ahead" in engine_prompts(stand_in, seen))
+            return super().prepare_job_execution(job, *args, **kwargs)
+
+    Watching([Queue(name, connection=redis_conn) for name in contract.QUEUES], connection=redis_conn).work(burst=True)
+    assert at_start == [True]
+    assert client.get(f"/result/{task_id}", headers=AUTH).get_json()["status"] == "completed"
+
+
+def test_job_cancelled_after_its_worker_read_it_has_its_engine_request_cut(client, redis_conn, worker_env, stand_in):
+    """DELETE landing between the worker's read of the job and its start transaction: the request already sent
+    is dropped, so the engine sees its client leave, and the job ends cancelled."""
+    prompt = "stand-in:slow=0.2 cancelled late"
+    task_id = submit(client, prompt)
+
+    class CancelledMeanwhile(EngineWorker):
+        def prepare_job_execution(self, job, *args, **kwargs):
+            redis_conn.set(contract.cancel_key(task_id), 1)  # as DELETE sets it
+            return super().prepare_job_execution(job, *args, **kwargs)
+
+    queues = [Queue(name, connection=redis_conn) for name in contract.QUEUES]
+    CancelledMeanwhile(queues, connection=redis_conn).work(burst=True)
+    assert client.get(f"/result/{task_id}", headers=AUTH).get_json()["status"] == "cancelled"
+    wait_until(lambda: prompt in stand_in.aborted, 5, "the engine to see the request dropped")
 
 
 def test_cancel_job_waiting_for_its_retry(client, redis_conn, worker_env, monkeypatch, stand_in):

@@ -13,6 +13,7 @@ from redis import Redis
 from rq.worker_pool import WorkerPool
 
 from worker import contract
+from worker.jobs import EngineJob
 from worker.runner import EngineWorker
 from worker.settings import WorkerSettings
 
@@ -32,6 +33,7 @@ def main() -> None:
         connection=Redis.from_url(settings.redis_url),
         num_workers=settings.concurrency,
         worker_class=EngineWorker,
+        job_class=EngineJob,
     )
     pool.start(logging_level=settings.log_level)
 

@@ -62,6 +62,13 @@ def build_request(payload: Mapping[str, Any], model: str) -> tuple[str, dict[str
     return COMPLETIONS_PATH, {**body, "prompt": payload["prompt"]}
 
 
+@dataclass
+class _Sent:
+    payload: dict[str, Any]
+    at: float  # time.monotonic() when it was sent
+    error: Exception | None = None  # raised by `generate`
+
+
 class EngineClient:
     """One keep-alive connection to the engine, reused by every job of a worker process.
 
@@ -82,27 +89,53 @@ class EngineClient:
         # ends by closing the connection is still being read, and `interrupt` must reach it then.
         self._socket: socket.socket | None = None
         self._interrupted = False
+        self._sent: _Sent | None = None  # the request `send` sent and `generate` has not read yet
+
+    def send(self, payload: Mapping[str, Any]) -> None:
+        """Send a generation request now; `generate` with an equal payload reads its answer.
+
+        The worker sends a job's request as soon as it has the job, then records the job's start in Redis
+        while the engine works on it. An error while sending is raised by `generate`. A request sent but
+        never read is dropped by `discard` (or the next `send`), which closes its connection: the engine
+        aborts it.
+        """
+        self.discard()
+        self._interrupted = False
+        self._sent = _Sent(dict(payload), time.monotonic())
+        try:
+            path, body = build_request(payload, self.model)
+            connection = self._connect()
+            connection.request("POST", self._prefix + path, body=json.dumps(body).encode(), headers=_JSON)
+        except Exception as exc:
+            self._sent.error = exc
+
+    def discard(self) -> None:
+        """Drop a request sent by `send` that `generate` has not read; the engine aborts it."""
+        if self._sent is not None:
+            self._sent = None
+            self.close()
 
     def generate(self, payload: Mapping[str, Any], on_text: Callable[[str], None] | None = None) -> Completion:
-        """Send one generation request and read its stream to the end, passing each text piece to `on_text`.
+        """Send one generation request, unless `send` already did, and read its stream to the end, passing each
+        text piece to `on_text`.
 
         Raises:
             EngineUnavailable, EngineServerError, EngineRejected, EngineTimeout, EngineProtocolError,
             EngineInterrupted (after `interrupt`).
         """
-        path, body = build_request(payload, self.model)
-        self._interrupted = False
-        sent_at = time.monotonic()
+        if self._sent is None or self._sent.payload != payload:
+            self.send(payload)
+        sent, self._sent = self._sent, None
         reusable = False  # whether the connection can carry the next request after an error
         try:
-            connection = self._connect()
-            connection.request("POST", self._prefix + path, body=json.dumps(body).encode(), headers=_JSON)
-            response = connection.getresponse()
+            if sent.error is not None:
+                raise sent.error
+            response = self._connection.getresponse()
             if response.status >= 400:
                 answer = response.read()
                 reusable = True
                 raise _status_error(response.status, response.reason, answer)
-            completion = _read_stream(_events(response), sent_at, on_text)
+            completion = _read_stream(_events(response), sent.at, on_text)
             response.read()  # the end of the chunked body, so the connection can carry the next request
             return completion
         except Exception as exc:

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 from rq import get_current_job
-from rq.exceptions import AbandonedJobError
+from rq.exceptions import AbandonedJobError, NoSuchJobError
+from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
 from worker import contract, outcome
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
     from redis import Redis
     from redis.client import Pipeline
-    from rq.job import Job
 
 ERROR_TYPES: dict[type[BaseException], str] = {
     EngineUnavailable: contract.ERROR_ENGINE_UNAVAILABLE,
@@ -48,6 +48,8 @@ ERROR_TYPES: dict[type[BaseException], str] = {
 MAX_RETRY_DELAY = 30  # seconds
 PENDING_TEXT = "_pending_text"
 """Attribute `generate` leaves on its job: the text not yet in a `token` event, which `on_success` publishes."""
+SENT_AT = "_sent_at"
+"""Attribute `send_ahead` leaves on its job: when the engine got its request, which is when the job started."""
 ATTEMPT_BEGUN = "_attempt_begun"
 """Attribute `EngineWorker` sets on a job whose attempt it began in RQ's start transaction: the cancel check's reply."""
 
@@ -79,7 +81,12 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
     if job is None:  # called directly, outside a worker
         completion = engine_client().generate(payload)
     else:
-        start_attempt(job, worker_settings().queue_ttl)
+        try:
+            start_attempt(job, worker_settings().queue_ttl)
+        except BaseException:
+            engine_client().discard()  # the request `send_ahead` sent, if any
+            raise
+        job.started_at = getattr(job, SENT_AT, job.started_at)  # RQ's is after its start transaction
         tokens = TokenPublisher(job.connection, job.id, worker_settings().stream_flush_interval)
         try:
             completion = engine_client().generate(payload, on_text=tokens.add)
@@ -163,10 +170,44 @@ def start_attempt(job: Job, queue_ttl: int) -> None:
             cancelled = pipe.execute()[0]
     if cancelled:
         raise JobCancelled("cancelled before it started")
-    if job.enqueued_at is not None:
-        waited = (datetime.now(UTC) - job.enqueued_at).total_seconds()
-        if waited > queue_ttl:
-            raise JobExpired(f"waited {waited:.0f} s in the queue, longer than QUEUE_TTL ({queue_ttl} s)")
+    waited = _waited(job)
+    if waited > queue_ttl:
+        raise JobExpired(f"waited {waited:.0f} s in the queue, longer than QUEUE_TTL ({queue_ttl} s)")
+
+
+def send_ahead(job: Job) -> None:
+    """Send a generation job's request to the engine as soon as the worker has the job (`generate` reads it).
+
+    The engine starts on it while the worker records the job's start in Redis, one round trip later.
+    Only an `EngineJob`, which knows whether its owner had cancelled it when the worker read it: a
+    cancelled job, or one that waited longer than QUEUE_TTL, is not sent (`start_attempt` refuses it). If
+    the owner cancels in between, `generate` drops the request and the engine aborts it.
+    """
+    if not isinstance(job, EngineJob) or job.cancel_requested or _waited(job) > worker_settings().queue_ttl:
+        return
+    setattr(job, SENT_AT, datetime.now(UTC))
+    engine_client().send(job.args[0])
+
+
+def _waited(job: Job) -> float:
+    """Seconds since the job was enqueued (0 if it never was)."""
+    return 0.0 if job.enqueued_at is None else (datetime.now(UTC) - job.enqueued_at).total_seconds()
+
+
+class EngineJob(Job):
+    """RQ's Job, whose read from Redis also asks, in the same round trip, whether its owner cancelled it."""
+
+    cancel_requested = False
+
+    def refresh(self) -> None:
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.key)
+            pipe.exists(contract.cancel_key(self.id))
+            data, cancelled = pipe.execute()
+        if not data:
+            raise NoSuchJobError(f"No such job: {self.key}")
+        self.restore(data)
+        self.cancel_requested = bool(cancelled)
 
 
 def on_success(job: Job, connection: Redis, result: dict[str, Any]) -> None:

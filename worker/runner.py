@@ -32,7 +32,7 @@ from rq.utils import current_timestamp, now, utcparse
 from rq.worker import SimpleWorker, WorkerStatus
 
 from worker import contract, outcome
-from worker.jobs import ATTEMPT_BEGUN, begin_attempt, engine_client, worker_settings
+from worker.jobs import ATTEMPT_BEGUN, EngineJob, begin_attempt, engine_client, send_ahead, worker_settings
 
 ENGINE_POLL_INTERVAL = 1.0  # seconds between engine health checks while it is down
 HEARTBEAT_MARGIN = 5.0  # seconds a worker's registration must outlive its next wait for a job
@@ -42,6 +42,8 @@ SWEEP_KEY = f"{contract.KEY_PREFIX}sweep"  # held by the worker sweeping the reg
 
 
 class EngineWorker(SimpleWorker):
+    job_class = EngineJob
+
     def __init__(self, *args: Any, **kwargs: Any):
         settings = worker_settings()
         kwargs.setdefault("job_monitoring_interval", settings.job_monitoring_interval)
@@ -115,16 +117,25 @@ class EngineWorker(SimpleWorker):
         return self.job_monitoring_interval + self.heartbeat_grace
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        """Run the job in this process while a thread keeps its heartbeat fresh."""
-        execution = self.prepare_execution(job)
-        stop = threading.Event()
-        beat = threading.Thread(target=self._beat, args=(job, execution, stop), daemon=True)
-        beat.start()
+        """Run the job in this process while a thread keeps its heartbeat fresh.
+
+        A generation's request goes to the engine first (`worker.jobs.send_ahead`): the engine works on it
+        during RQ's start transaction.
+        """
+        if job.func_name == contract.TASK_PATH:
+            send_ahead(job)
         try:
-            self.perform_job(job, queue, execution)
+            execution = self.prepare_execution(job)
+            stop = threading.Event()
+            beat = threading.Thread(target=self._beat, args=(job, execution, stop), daemon=True)
+            beat.start()
+            try:
+                self.perform_job(job, queue, execution)
+            finally:
+                stop.set()
+                beat.join()
         finally:
-            stop.set()
-            beat.join()
+            engine_client().discard()  # a request sent ahead for a job that never read it
         self.set_state(WorkerStatus.IDLE)
 
     def prepare_execution(self, job: Job) -> Execution:
