@@ -143,10 +143,11 @@ def reset_worker_caches() -> None:
     jobs.engine_client.cache_clear()
 
 
-def run_worker(connection: Redis) -> None:
-    """Work every queued job (retries included) in this process with the service's worker class, then return."""
+def run_worker(connection: Redis, worker_class: type[EngineWorker] = EngineWorker) -> None:
+    """Work every queued job (retries included) in this process with the service's worker class (or a test's
+    subclass of it), then return."""
     queues = [Queue(name, connection=connection) for name in contract.QUEUES]
-    EngineWorker(queues, connection=connection).work(burst=True)
+    worker_class(queues, connection=connection).work(burst=True)
 
 
 def queued_count(connection: Redis) -> int:

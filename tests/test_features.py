@@ -114,7 +114,7 @@ def test_job_request_reaches_the_engine_before_the_worker_records_its_start(clie
             at_start.append("sent ahead" in engine_prompts(stand_in, seen))
             return super().prepare_job_execution(job, *args, **kwargs)
 
-    Watching([Queue(name, connection=redis_conn) for name in contract.QUEUES], connection=redis_conn).work(burst=True)
+    run_worker(redis_conn, Watching)
     assert at_start == [True]
     assert client.get(f"/result/{task_id}", headers=AUTH).get_json()["status"] == "completed"
 
@@ -130,8 +130,7 @@ def test_job_cancelled_after_its_worker_read_it_has_its_engine_request_cut(clien
             redis_conn.set(contract.cancel_key(task_id), 1)  # as DELETE sets it
             return super().prepare_job_execution(job, *args, **kwargs)
 
-    queues = [Queue(name, connection=redis_conn) for name in contract.QUEUES]
-    CancelledMeanwhile(queues, connection=redis_conn).work(burst=True)
+    run_worker(redis_conn, CancelledMeanwhile)
     assert client.get(f"/result/{task_id}", headers=AUTH).get_json()["status"] == "cancelled"
     wait_until(lambda: prompt in stand_in.aborted, 5, "the engine to see the request dropped")
 
