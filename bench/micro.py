@@ -23,8 +23,20 @@ TRIVIAL_QUEUE = "bench-trivial"
 WORKER_CLASSES = {
     "rq Worker (forks per job)": "rq.worker.Worker",
     "rq SimpleWorker": "rq.worker.SimpleWorker",
-    "EngineWorker (shipped)": "worker.runner.EngineWorker",
+    "EngineWorker": "worker.runner.EngineWorker",
 }
+SHIPPED_POOL = "EngineWorker pool as shipped (8 threads per process)"
+# The pool `python -m worker` runs, in burst mode: `processes` processes of WORKER_THREADS' default threads.
+POOL_SCRIPT = """
+import sys
+from redis import Redis
+from worker.pool import ThreadedWorkerPool
+from worker.runner import EngineWorker
+from worker.settings import DEFAULT_WORKER_THREADS
+url, queue, processes = sys.argv[1:]
+ThreadedWorkerPool([queue], connection=Redis.from_url(url), num_workers=int(processes),
+                   threads=DEFAULT_WORKER_THREADS, worker_class=EngineWorker).start(burst=True, logging_level="WARNING")
+"""
 
 
 async def submit_at_rate(api_url: str, rate: float, seconds: float) -> dict[str, float]:
@@ -86,19 +98,21 @@ def max_submit_rate(api_url: str, seconds: int = 10, connections: int = 32) -> d
 
 
 def worker_class_throughput(redis_url: str, engine_url: str, jobs: int, processes: int = 2) -> dict[str, float]:
-    """Trivial jobs per second for each worker class, `processes` burst workers at once."""
+    """Trivial jobs per second for each worker class (`processes` burst workers at once), and for the shipped
+    pool (`processes` processes of its threads)."""
     connection = Redis.from_url(redis_url)
     rates = {}
-    for label, class_path in WORKER_CLASSES.items():
+    rq_worker = [str(Path(sys.executable).parent / "rq"), "worker", "--burst", "--quiet", "--url", redis_url]
+    runs = {label: [[*rq_worker, "-w", path, TRIVIAL_QUEUE]] * processes for label, path in WORKER_CLASSES.items()}
+    runs[SHIPPED_POOL] = [[sys.executable, "-c", POOL_SCRIPT, redis_url, TRIVIAL_QUEUE, str(processes)]]
+    for label, argvs in runs.items():
         queue = Queue(TRIVIAL_QUEUE, connection=connection)
         queue.empty()
         queue.enqueue_many([Queue.prepare_data("bench.jobs.noop", result_ttl=300) for _ in range(jobs)])
         ids = queue.get_job_ids()
-        argv = [str(Path(sys.executable).parent / "rq"), "worker", "--burst", "--quiet", "-w", class_path,
-                "--url", redis_url, TRIVIAL_QUEUE]  # fmt: skip
         env = {"ENGINE_URL": engine_url, "PATH": str(Path(sys.executable).parent)}
         workers = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                   for _ in range(processes)]  # fmt: skip
+                   for argv in argvs]  # fmt: skip
         for worker in workers:
             worker.wait(timeout=600)
         done = [job for job in Job.fetch_many(ids, connection=connection) if job and job.ended_at]

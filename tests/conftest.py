@@ -140,7 +140,7 @@ def reset_worker_caches() -> None:
     from worker import jobs
 
     jobs.worker_settings.cache_clear()
-    jobs.engine_client.cache_clear()
+    jobs.forget_engine_client()
 
 
 def run_worker(connection: Redis, worker_class: type[EngineWorker] = EngineWorker) -> None:

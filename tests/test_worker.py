@@ -323,3 +323,16 @@ def test_rq_suspend_stops_the_workers_after_the_job_they_are_running(client, red
     assert client.get(f"/status/{waiting}", headers=AUTH).get_json()["status"] == "queued"
     resume(redis_conn)
     assert finish(client, redis_conn, waiting)["status"] == "completed"
+
+
+def test_time_limit_holds_for_a_worker_outside_the_main_thread(app_config, redis_conn, worker_env, stand_in):
+    client = create_app({**app_config, "TASK_TIME_LIMIT": 1}).test_client()
+    prompt = f"stand-in:slow=0.2 {uuid.uuid4()}"  # 40 tokens over 8 s: each read is quick, the whole is not
+    task_id = submit(client, prompt=prompt)
+    worker = threading.Thread(target=run_worker, args=(redis_conn,))  # as in a worker process of the pool
+    worker.start()
+    worker.join(30)
+    body = client.get(f"/result/{task_id}", headers=AUTH).get_json()
+    assert_failed(body, "timeout")
+    assert "1 s" in body["error_message"]
+    wait_until(lambda: prompt in stand_in.aborted, 3, "the engine to see the request aborted")

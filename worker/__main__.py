@@ -1,19 +1,21 @@
 """`python -m worker`: run a pool of RQ workers that forward jobs to the engine.
 
-Each worker process holds one request in flight, so WORKER_CONCURRENCY processes keep that many
-requests at the engine for vLLM to batch. The workers are SimpleWorkers (see worker/runner.py): the
-job only waits on HTTP, so forking a work horse per job would cost time and memory for nothing.
-RQ's WorkerPool respawns a worker process that dies.
+Each worker holds one request in flight, so WORKER_CONCURRENCY workers keep that many requests at the
+engine for vLLM to batch. They run as threads, WORKER_THREADS to a process (worker/pool.py): a job only
+waits on HTTP, so neither a process per worker nor RQ's work horse per job would buy anything but
+memory and CPU time switching between processes. RQ's WorkerPool respawns a process that dies.
 """
 
 from __future__ import annotations
 
+import math
+
 from loguru import logger
 from redis import Redis
-from rq.worker_pool import WorkerPool
 
 from worker import contract
 from worker.jobs import EngineJob
+from worker.pool import ThreadedWorkerPool
 from worker.runner import EngineWorker
 from worker.settings import WorkerSettings
 
@@ -22,16 +24,21 @@ def main() -> None:
     """Start the worker pool and block until SIGTERM/SIGINT."""
     settings = WorkerSettings.from_env()
     contract.configure_logging(settings.log_dir, settings.log_level)
+    processes = math.ceil(settings.concurrency / settings.threads)
+    threads = math.ceil(settings.concurrency / processes)
     logger.info(
-        "starting {} workers on queues {} for engine {}",
-        settings.concurrency,
+        "starting {} workers ({} processes of {} threads) on queues {} for engine {}",
+        processes * threads,
+        processes,
+        threads,
         ",".join(contract.QUEUES),
         settings.engine_url,
     )
-    pool = WorkerPool(
+    pool = ThreadedWorkerPool(
         contract.QUEUES,
         connection=Redis.from_url(settings.redis_url),
-        num_workers=settings.concurrency,
+        num_workers=processes,
+        threads=threads,
         worker_class=EngineWorker,
         job_class=EngineJob,
     )

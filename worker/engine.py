@@ -24,6 +24,7 @@ from worker.exceptions import (
     EngineServerError,
     EngineTimeout,
     EngineUnavailable,
+    TimeLimitExceeded,
 )
 
 COMPLETIONS_PATH = "/v1/completions"
@@ -88,8 +89,12 @@ class EngineClient:
         # The connection's socket, kept here too: http.client lets go of it while a response that
         # ends by closing the connection is still being read, and `interrupt` must reach it then.
         self._socket: socket.socket | None = None
-        self._interrupted = False
+        self._interrupted: Exception | None = None  # what `generate` raises after `interrupt`
         self._sent: _Sent | None = None  # the request `send` sent and `generate` has not read yet
+        # time.monotonic() by which the running job must end (its time limit, set by the worker): `generate`
+        # stops reading there and raises TimeLimitExceeded
+        self.deadline: float | None = None
+        self._waiting_for_deadline = False  # the next read's timeout is the deadline, not the read timeout
 
     def send(self, payload: Mapping[str, Any]) -> None:
         """Send a generation request now; `generate` with an equal payload reads its answer.
@@ -100,7 +105,7 @@ class EngineClient:
         aborts it.
         """
         self.discard()
-        self._interrupted = False
+        self._interrupted = None
         self._sent = _Sent(dict(payload), time.monotonic())
         try:
             path, body = build_request(payload, self.model)
@@ -121,7 +126,7 @@ class EngineClient:
 
         Raises:
             EngineUnavailable, EngineServerError, EngineRejected, EngineTimeout, EngineProtocolError,
-            EngineInterrupted (after `interrupt`).
+            EngineInterrupted (after `interrupt`), TimeLimitExceeded (at `deadline`).
         """
         if self._sent is None or self._sent.payload != payload:
             self.send(payload)
@@ -130,24 +135,38 @@ class EngineClient:
         try:
             if sent.error is not None:
                 raise sent.error
+            self._limit_next_read()
             response = self._connection.getresponse()
             if response.status >= 400:
                 answer = response.read()
                 reusable = True
                 raise _status_error(response.status, response.reason, answer)
-            completion = _read_stream(_events(response), sent.at, on_text)
+            completion = _read_stream(_events(response, self._limit_next_read), sent.at, on_text)
             response.read()  # the end of the chunked body, so the connection can carry the next request
             return completion
         except Exception as exc:
             if not reusable:
                 self.close()  # in an unknown state: the next request opens another
-            if self._interrupted:  # whatever the cut-off read raised
-                raise EngineInterrupted("the request was interrupted") from exc
+            if self._interrupted is not None:  # whatever the cut-off read raised
+                raise self._interrupted from exc
+            if isinstance(exc, TimeoutError) and self._waiting_for_deadline:
+                raise TimeLimitExceeded("the job reached its time limit") from None  # the socket's timeout says no more
             if isinstance(exc, TimeoutError):
                 raise EngineTimeout(f"the engine sent nothing for {self._read_timeout} s") from exc
             if isinstance(exc, (OSError, http.client.HTTPException)):
                 raise EngineUnavailable(f"engine connection failed: {exc!r}") from exc
             raise
+
+    def _limit_next_read(self) -> None:
+        """Make the next read from the engine wait no longer than the read timeout, nor past `deadline`."""
+        timeout = self._read_timeout
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeLimitExceeded("the job reached its time limit")
+            timeout = min(left, timeout)
+        self._waiting_for_deadline = timeout < self._read_timeout
+        self._socket.settimeout(timeout)
 
     def _connect(self) -> http.client.HTTPConnection:
         """Return the kept-alive connection, or open one if there is none or the engine has closed it."""
@@ -165,9 +184,9 @@ class EngineClient:
             self._connection, self._socket = connection, connection.sock
         return connection
 
-    def interrupt(self) -> None:
-        """End the request being read, from another thread; `generate` then raises EngineInterrupted."""
-        self._interrupted = True
+    def interrupt(self, error: Exception | None = None) -> None:
+        """End the request being read, from another thread; `generate` then raises `error` (EngineInterrupted)."""
+        self._interrupted = error or EngineInterrupted("the request was interrupted")
         sock = self._socket
         if sock is not None:
             try:
@@ -217,9 +236,10 @@ def _error_message(reason: str, body: bytes) -> str:
     return str(error)
 
 
-def _events(response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
-    """Yield the JSON payloads of a server-sent-events stream until `[DONE]`."""
+def _events(response: http.client.HTTPResponse, before_read: Callable[[], None]) -> Iterator[dict[str, Any]]:
+    """Yield the JSON payloads of a server-sent-events stream until `[DONE]`, calling `before_read` before each read."""
     for line in response:
+        before_read()
         if not line.startswith(b"data:"):
             continue
         data = line[len(b"data:") :].strip()

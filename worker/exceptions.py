@@ -17,6 +17,14 @@ class EngineTimeout(Exception):
     """The engine sent nothing for longer than the read timeout."""
 
 
+class WorkerShutDown(Exception):
+    """The worker process was shut down cold while the job ran; the job is retried at once."""
+
+
+class TimeLimitExceeded(Exception):
+    """The job ran longer than its time limit (TASK_TIME_LIMIT) while the engine streamed."""
+
+
 class EngineProtocolError(Exception):
     """The engine's answer could not be parsed as an OpenAI-compatible stream."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime
 from functools import cache
@@ -24,6 +25,8 @@ from worker.exceptions import (
     EngineUnavailable,
     JobCancelled,
     JobExpired,
+    TimeLimitExceeded,
+    WorkerShutDown,
 )
 from worker.settings import WorkerSettings
 
@@ -40,9 +43,11 @@ ERROR_TYPES: dict[type[BaseException], str] = {
     EngineRejected: contract.ERROR_ENGINE_REJECTED,
     EngineTimeout: contract.ERROR_TIMEOUT,
     JobTimeoutException: contract.ERROR_TIMEOUT,
+    TimeLimitExceeded: contract.ERROR_TIMEOUT,
     JobExpired: contract.ERROR_EXPIRED,
     AbandonedJobError: contract.ERROR_WORKER_DIED,
     SystemExit: contract.ERROR_WORKER_DIED,  # RQ's cold shutdown raises it inside the running job
+    WorkerShutDown: contract.ERROR_WORKER_DIED,  # the same, for a worker in a thread (worker/pool.py)
     JobCancelled: contract.ERROR_CANCELLED,
 }
 MAX_RETRY_DELAY = 30  # seconds
@@ -59,16 +64,26 @@ def worker_settings() -> WorkerSettings:
     return WorkerSettings.from_env()
 
 
-@cache
+_thread = threading.local()
+
+
 def engine_client() -> EngineClient:
-    """Return this process's engine client, created on first use so its pool is not shared across forks."""
-    settings = worker_settings()
-    return EngineClient(
-        settings.engine_url,
-        settings.served_model_name,
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.task_time_limit,
-    )
+    """Return this thread's engine client, created on first use: a worker process runs one job per thread."""
+    client = getattr(_thread, "engine_client", None)
+    if client is None:
+        settings = worker_settings()
+        client = _thread.engine_client = EngineClient(
+            settings.engine_url,
+            settings.served_model_name,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.task_time_limit,
+        )
+    return client
+
+
+def forget_engine_client() -> None:
+    """Make the next `engine_client` in this thread build a new client (from settings read again)."""
+    _thread.engine_client = None
 
 
 def generate(payload: dict[str, Any]) -> dict[str, Any]:
@@ -241,11 +256,11 @@ def on_failure(
         logger.info("job {} cancelled by its owner ({})", job.id, exc_value)
         return
     message = str(exc_value) or exc_type.__name__
-    if exc_type is JobTimeoutException:
+    if exc_type in (JobTimeoutException, TimeLimitExceeded):
         message = f"generation exceeded the task time limit of {job.timeout} s"
     elif exc_type is AbandonedJobError:
         message = "the worker running the job died"
-    elif exc_type is SystemExit:
+    elif exc_type in (SystemExit, WorkerShutDown):
         message = "the worker running the job was shut down"
     if error_type == contract.ERROR_ENGINE_UNAVAILABLE:
         connection.set(contract.ENGINE_DOWN_KEY, job.id)  # every worker waits for the engine before its next job

@@ -12,6 +12,9 @@
   goes first (ageing), so low is never starved for good.
 - Cancel: RQ's stop-job command reaches `kill_horse`, which cuts the engine stream; the job then
   ends in RQ's canceled registry with what it had generated (see `worker.jobs.on_failure`).
+- Threads: the pool runs several workers in threads of one process (worker/pool.py). A job's time limit
+  is therefore kept by the engine client (`EngineDeadline`), not by RQ's SIGALRM, and a worker outside
+  the main thread leaves signals to the process (`stop_after_job`).
 """
 
 from __future__ import annotations
@@ -26,12 +29,15 @@ from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.rate_limit import release_slot
-from rq.registry import CanceledJobRegistry
+from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from rq.suspension import WORKERS_SUSPENDED
+from rq.timeouts import BaseDeathPenalty
 from rq.utils import current_timestamp, now, utcparse
 from rq.worker import SimpleWorker, WorkerStatus
 
 from worker import contract, outcome
+from worker.engine import EngineClient
+from worker.exceptions import WorkerShutDown
 from worker.jobs import ATTEMPT_BEGUN, EngineJob, begin_attempt, engine_client, send_ahead, worker_settings
 
 ENGINE_POLL_INTERVAL = 1.0  # seconds between engine health checks while it is down
@@ -41,8 +47,28 @@ SUSPENSION_ANSWER_AGE = 1.0  # seconds an answer read at a job's end stands for 
 SWEEP_KEY = f"{contract.KEY_PREFIX}sweep"  # held by the worker sweeping the registries this interval
 
 
+class EngineDeadline(BaseDeathPenalty):
+    """RQ's job time limit, kept by this thread's engine client: it stops reading the stream at the deadline.
+
+    RQ's default raises the timeout from a SIGALRM handler, which only the main thread can set up. A job
+    spends its time reading the engine's stream, so the client raises `TimeLimitExceeded` there (and closes
+    the request, which the engine aborts). RQ also runs a job's callbacks under a limit; a limit set inside
+    another is undone when it ends.
+    """
+
+    def setup_death_penalty(self) -> None:
+        client = engine_client()
+        self._outer = client.deadline
+        if self._timeout > 0:
+            client.deadline = time.monotonic() + self._timeout
+
+    def cancel_death_penalty(self) -> None:
+        engine_client().deadline = self._outer
+
+
 class EngineWorker(SimpleWorker):
     job_class = EngineJob
+    death_penalty_class = EngineDeadline
 
     def __init__(self, *args: Any, **kwargs: Any):
         settings = worker_settings()
@@ -59,11 +85,36 @@ class EngineWorker(SimpleWorker):
         self.log_result_lifespan = False  # "result is kept for N seconds" for every job says nothing new
         self._ordered_at = 0.0
         self._priority_order = list(self._ordered_queues)
+        self._engine: EngineClient | None = None  # the client of the thread running this worker's jobs
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         """Start as RQ does, and ask Redis its version now: RQ otherwise asks when taking the first job."""
         super().bootstrap(*args, **kwargs)
         self.get_redis_server_version()
+
+    def _install_signal_handlers(self) -> None:
+        """Install RQ's SIGINT/SIGTERM handlers in the main thread; in another, the process calls `stop_after_job`."""
+        if threading.current_thread() is threading.main_thread():
+            super()._install_signal_handlers()
+
+    def stop_after_job(self) -> None:
+        """Warm shutdown asked from another thread: finish the running job, take no other, then leave.
+
+        An idle worker leaves when its current wait for a job ends (`dequeue_timeout`, WORKER_TTL - 15 s);
+        a job it takes in that wait goes back to its queue (`execute_job`).
+        """
+        if not self._stop_requested:
+            self.log.info("Worker %s: warm shut down requested", self.name)
+        self._stop_requested = True
+
+    def shut_down_now(self) -> None:
+        """Cold shutdown asked from another thread: cut the running job's engine request and take no other job.
+
+        The job then fails with WorkerShutDown and is queued again at once, as after RQ's own cold shutdown.
+        """
+        self._stop_requested = True
+        if self._engine is not None:
+            self._engine.interrupt(WorkerShutDown("the worker process was shut down"))
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         """Renew the worker's registration when it would not outlive the next wait for a job, or when RQ sets a TTL.
@@ -120,8 +171,17 @@ class EngineWorker(SimpleWorker):
         """Run the job in this process while a thread keeps its heartbeat fresh.
 
         A generation's request goes to the engine first (`worker.jobs.send_ahead`): the engine works on it
-        during RQ's start transaction.
+        during RQ's start transaction. A job taken in the wait that a shutdown from another thread ended
+        goes back to the front of its queue instead.
         """
+        if self._stop_requested:
+            with self.connection.pipeline() as pipe:
+                pipe.lrem(queue.intermediate_queue_key, 1, job.id)  # where RQ moves a job taken from one queue
+                queue.push_job_id(job.id, pipeline=pipe, at_front=True)
+                pipe.execute()
+            self.log.info("Worker %s: stopping; job %s goes back to the front of %s", self.name, job.id, queue.name)
+            return
+        self._engine = engine_client()
         if job.func_name == contract.TASK_PATH:
             send_ahead(job)
         try:
@@ -135,7 +195,7 @@ class EngineWorker(SimpleWorker):
                 stop.set()
                 beat.join()
         finally:
-            engine_client().discard()  # a request sent ahead for a job that never read it
+            self._engine.discard()  # a request sent ahead for a job that never read it
         self.set_state(WorkerStatus.IDLE)
 
     def prepare_execution(self, job: Job) -> Execution:
@@ -214,12 +274,20 @@ class EngineWorker(SimpleWorker):
                 logger.warning("heartbeat for job {} failed: {!r}", job.id, exc)
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
-        """Wait for a healthy engine, then take the next job as RQ does, aged queues first."""
-        self._wait_for_engine()
-        if self._stop_requested:
-            return None
-        self._order_queues()
-        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        """Wait for a healthy engine, then take the next job as RQ does, aged queues first.
+
+        RQ waits for a job until one comes; here each wait lasts `timeout` at most, so that a worker asked to
+        stop from another thread (`stop_after_job`) leaves, and the queues' order is checked again, after it.
+        Returns None (the worker leaves) when asked to stop, or when a burst or `max_idle_time` wait ends empty.
+        """
+        while True:
+            self._wait_for_engine()
+            if self._stop_requested:
+                return None
+            self._order_queues()
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time or timeout)
+            if result is not None or timeout is None or max_idle_time is not None:
+                return result
 
     def _order_queues(self) -> None:
         """Put lower-priority queues whose oldest job waited PRIORITY_AGING seconds first, else keep priority order."""
@@ -248,10 +316,10 @@ class EngineWorker(SimpleWorker):
     def kill_horse(self, sig: Any = None) -> None:
         """Cut the running job's engine stream when RQ's stop-job command asks to stop it (a cancel).
 
-        RQ calls this from the worker's pubsub thread; the job itself runs in this process.
+        RQ calls this from the worker's pubsub thread; the job itself runs in the worker's thread.
         """
-        if self._stopped_job_id is not None:
-            engine_client().interrupt()
+        if self._stopped_job_id is not None and self._engine is not None:
+            self._engine.interrupt()
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string="", execution=None):
         """File a cancelled job under RQ's canceled registry, keeping what it generated; others as RQ does."""
@@ -274,6 +342,13 @@ class EngineWorker(SimpleWorker):
         if not self.connection.set(SWEEP_KEY, self.name, nx=True, ex=max(self.maintenance_interval, 1)):
             self.last_cleaned_at = now()
             return
+        for queue in self.queues:
+            # Abandoned jobs first: RQ's sweep would run their failure callback under SIGALRM, which a
+            # worker thread cannot set up; so it finds none left.
+            StartedJobRegistry(
+                queue.name, connection=self.connection, job_class=self.job_class, serializer=self.serializer,
+                death_penalty_class=self.death_penalty_class,
+            ).cleanup(exception_handlers=self._exc_handlers)  # fmt: skip
         super().clean_registries()
         horizon = current_timestamp() - worker_settings().result_ttl
         for queue in self.queues:

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from worker import contract
 
 DEFAULT_WORKER_CONCURRENCY = 8
-"""Worker processes, hence requests in flight at the engine: vLLM batches them together."""
+"""Workers, hence requests in flight at the engine: vLLM batches them together."""
+DEFAULT_WORKER_THREADS = 8
+"""Workers per worker process: WORKER_CONCURRENCY is spread over as few processes as this allows."""
 DEFAULT_JOB_MONITORING_INTERVAL = 5
 """Seconds between heartbeats of a running job."""
 DEFAULT_HEARTBEAT_GRACE = 10
@@ -33,6 +35,7 @@ class WorkerSettings:
     engine_health_path: str
     served_model_name: str
     concurrency: int
+    threads: int
     task_time_limit: int  # seconds
     connect_timeout: float  # seconds
     job_monitoring_interval: int  # seconds
@@ -57,6 +60,7 @@ class WorkerSettings:
             engine_health_path=env.get("ENGINE_HEALTH_PATH") or "/health",
             served_model_name=env.get("SERVED_MODEL_NAME") or contract.DEFAULT_SERVED_MODEL_NAME,
             concurrency=int(env.get("WORKER_CONCURRENCY", DEFAULT_WORKER_CONCURRENCY)),
+            threads=int(env.get("WORKER_THREADS", DEFAULT_WORKER_THREADS)),
             task_time_limit=int(env.get("TASK_TIME_LIMIT", contract.DEFAULT_TASK_TIME_LIMIT)),
             connect_timeout=float(env.get("ENGINE_CONNECT_TIMEOUT", "5")),
             job_monitoring_interval=int(env.get("JOB_MONITORING_INTERVAL", DEFAULT_JOB_MONITORING_INTERVAL)),
