@@ -71,9 +71,9 @@ class _Sent:
 
 
 class EngineClient:
-    """One keep-alive connection to the engine, reused by every job of a worker process.
+    """One keep-alive connection to the engine, reused by every job of a worker (one thread).
 
-    A worker process runs one job at a time, so one connection is all it needs; `interrupt` (called
+    A worker runs one job at a time, so one connection is all it needs; `interrupt` (called
     from another thread when the job is cancelled) shuts that connection down, which ends the read
     at once even while the engine has sent nothing yet, and the engine aborts the request.
     """

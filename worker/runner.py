@@ -168,7 +168,7 @@ class EngineWorker(SimpleWorker):
         return self.job_monitoring_interval + self.heartbeat_grace
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        """Run the job in this process while a thread keeps its heartbeat fresh.
+        """Run the job in this worker's thread while another keeps its heartbeat fresh.
 
         A generation's request goes to the engine first (`worker.jobs.send_ahead`): the engine works on it
         during RQ's start transaction. A job taken in the wait that a shutdown from another thread ended
