@@ -24,6 +24,10 @@ def main() -> None:
     """Start the worker pool and block until SIGTERM/SIGINT."""
     settings = WorkerSettings.from_env()
     contract.configure_logging(settings.log_dir, settings.log_level)
+    if settings.concurrency < 1 or settings.threads < 1:
+        raise SystemExit(
+            f"WORKER_CONCURRENCY ({settings.concurrency}) and WORKER_THREADS ({settings.threads}) must be 1 or more"
+        )
     processes = math.ceil(settings.concurrency / settings.threads)
     threads = math.ceil(settings.concurrency / processes)
     logger.info(
