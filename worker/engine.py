@@ -237,7 +237,7 @@ def _error_message(reason: str, body: bytes) -> str:
 
 
 def _events(response: http.client.HTTPResponse, before_read: Callable[[], None]) -> Iterator[dict[str, Any]]:
-    """Yield the JSON payloads of a server-sent-events stream until `[DONE]`, calling `before_read` before each read."""
+    """Yield the JSON payloads of a server-sent-events stream until `[DONE]`; `before_read` runs after each line."""
     for line in response:
         before_read()
         if not line.startswith(b"data:"):
