@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 
 import pytest
 from rq import Worker
 
-from tests.conftest import KEY, wait_until
+from tests.conftest import KEY, ROOT, wait_until
 from tests.faults.conftest import MEASURED, stop
 from worker import contract
 
@@ -102,3 +104,10 @@ def test_cancel_cuts_only_its_own_job_among_the_workers_of_a_process(start_pool,
     assert body["result"].count("tick") == 40
     assert cancelled in stand_in.aborted
     assert kept not in stand_in.aborted
+
+
+def test_a_pool_without_workers_is_refused_with_a_message(fault_redis_url, tmp_path):
+    env = {**os.environ, "REDIS_URL": fault_redis_url, "LOG_DIR": str(tmp_path), "WORKER_THREADS": "0"}
+    started = subprocess.run([sys.executable, "-m", "worker"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert started.returncode == 1
+    assert "WORKER_THREADS (0) must be 1 or more" in started.stderr
