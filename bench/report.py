@@ -94,7 +94,8 @@ def _engine_table(results: dict, engine: str) -> list[str]:
     )
     memory = results[engine].get("memory", {})
     if memory:
-        lines += ["", f"RSS with 64 workers: worker processes {_span(memory['worker_processes_mb'])} MB, "
+        lines += ["", f"RSS with 64 workers: {len(memory['worker_processes_mb'])} worker processes "
+                      f"{_span(memory['worker_processes_mb'])} MB, "
                       f"pool parent {memory['worker_pool_parent_mb'][0]} MB, "
                       f"gunicorn workers {_span(memory['gunicorn_workers_mb'])} MB."]  # fmt: skip
     return lines + [""]
