@@ -7,8 +7,8 @@ WorkerPool starts the processes, respawns one that dies, and sends each SIGINT o
 
 A worker process's signals:
 - the first SIGINT/SIGTERM is a warm shutdown: every worker finishes its running job, takes no other,
-  and the process exits once all have left (an idle worker leaves at its next wait for a job, within
-  WORKER_TTL - 15 s);
+  and the process exits once all have left (an idle worker leaves when its current wait for a job ends,
+  within a second);
 - another one a second or more later is a cold shutdown: every running job's engine request is cut and
   the job queued again at once, then the process exits (a job still running COLD_SHUTDOWN_WAIT later is
   left to the sweep for abandoned jobs, as after a kill: docs/RELIABILITY.md). RQ's pool forwards the

@@ -43,6 +43,7 @@ from worker.jobs import ATTEMPT_BEGUN, EngineJob, begin_attempt, engine_client, 
 ENGINE_POLL_INTERVAL = 1.0  # seconds between engine health checks while it is down
 HEARTBEAT_MARGIN = 5.0  # seconds a worker's registration must outlive its next wait for a job
 AGING_CHECK_EVERY = 1.0  # seconds the queue order chosen by ageing is kept before looking again
+IDLE_WAIT = 1  # seconds an idle worker waits for a job at a time: a stop asked from another thread is seen after it
 SUSPENSION_ANSWER_AGE = 1.0  # seconds an answer read at a job's end stands for the loop's suspension check
 SWEEP_KEY = f"{contract.KEY_PREFIX}sweep"  # held by the worker sweeping the registries this interval
 
@@ -100,8 +101,8 @@ class EngineWorker(SimpleWorker):
     def stop_after_job(self) -> None:
         """Warm shutdown asked from another thread: finish the running job, take no other, then leave.
 
-        An idle worker leaves when its current wait for a job ends (`dequeue_timeout`, WORKER_TTL - 15 s);
-        a job it takes in that wait goes back to its queue (`execute_job`).
+        An idle worker leaves when its current wait for a job ends (IDLE_WAIT); a job it takes in that wait
+        goes back to its queue (`execute_job`).
         """
         if not self._stop_requested:
             self.log.info("Worker %s: warm shut down requested", self.name)
@@ -276,16 +277,18 @@ class EngineWorker(SimpleWorker):
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
         """Wait for a healthy engine, then take the next job as RQ does, aged queues first.
 
-        RQ waits for a job until one comes; here each wait lasts `timeout` at most, so that a worker asked to
-        stop from another thread (`stop_after_job`) leaves, and the queues' order is checked again, after it.
-        Returns None (the worker leaves) when asked to stop, or when a burst or `max_idle_time` wait ends empty.
+        RQ waits for a job until one comes; here each wait lasts IDLE_WAIT at most (one `BLPOP` a second
+        while idle), so that a worker asked to stop from another thread (`stop_after_job`) leaves, and the
+        queues' order is checked again, after it. Returns None (the worker leaves) when asked to stop, or when
+        a burst or `max_idle_time` wait ends empty.
         """
+        wait = None if timeout is None else min(timeout, IDLE_WAIT)
         while True:
             self._wait_for_engine()
             if self._stop_requested:
                 return None
             self._order_queues()
-            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time or timeout)
+            result = super().dequeue_job_and_maintain_ttl(wait, max_idle_time or wait)
             if result is not None or timeout is None or max_idle_time is not None:
                 return result
 

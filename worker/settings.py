@@ -19,7 +19,7 @@ DEFAULT_HEARTBEAT_GRACE = 10
 DEFAULT_MAINTENANCE_INTERVAL = 5
 """Seconds between sweeps for abandoned jobs (RQ uses 600)."""
 DEFAULT_WORKER_TTL = 20
-"""Seconds a silent worker stays registered; an idle worker wakes every WORKER_TTL - 15 s."""
+"""Seconds a silent worker stays registered."""
 DEFAULT_ENGINE_RETRY_BACKOFF = 1
 """Seconds before the first retry after an engine failure; doubles each attempt, at most 30 s."""
 DEFAULT_PRIORITY_AGING = 60
