@@ -336,3 +336,44 @@ def test_time_limit_holds_for_a_worker_outside_the_main_thread(app_config, redis
     assert_failed(body, "timeout")
     assert "1 s" in body["error_message"]
     wait_until(lambda: prompt in stand_in.aborted, 3, "the engine to see the request aborted")
+
+
+def test_a_taken_job_waits_in_the_intermediate_list_until_it_starts(client, redis_conn, worker_env):
+    from rq import Queue
+
+    from worker import contract
+    from worker.runner import EngineWorker
+
+    task_id = submit(client, prompt="Say hello")
+    assert redis_conn.llen(contract.WAKE_KEY) == 1  # one wake entry per submitted job
+    queues = [Queue(name, connection=redis_conn) for name in contract.QUEUES]
+    job, queue = EngineWorker(queues, connection=redis_conn).dequeue_job_and_maintain_ttl(None)  # as a worker takes it
+    assert job.id == task_id
+    assert queue.count == 0 and queue.intermediate_queue.get_job_ids() == [task_id]
+    assert redis_conn.llen(contract.WAKE_KEY) == 0
+    queue.push_job_id(task_id)  # and back, as if the take had not happened
+    queue.intermediate_queue.remove(task_id)
+
+    body = finish(client, redis_conn, task_id)
+    assert body["status"] == "completed"
+    assert queue.intermediate_queue.get_job_ids() == []  # the start transaction took it out
+
+
+def test_a_job_whose_worker_died_before_starting_it_is_run_by_another(client, redis_conn, worker_env, stand_in):
+    from rq import Queue
+
+    from worker import contract
+    from worker.runner import EngineWorker
+
+    prompt = f"taken then dropped {uuid.uuid4()}"
+    task_id = submit(client, prompt=prompt)
+    queues = [Queue(name, connection=redis_conn) for name in contract.QUEUES]
+    _, queue = EngineWorker(queues, connection=redis_conn).dequeue_job_and_maintain_ttl(None)  # then it is killed
+    sweeper = EngineWorker(queues, connection=redis_conn)
+    queue.intermediate_queue.cleanup(sweeper, queue)  # RQ's sweep: first seen now
+    redis_conn.set(queue.intermediate_queue.get_first_seen_key(task_id), time.time() - 120)  # a sweep 2 min later
+    queue.intermediate_queue.cleanup(sweeper, queue)
+
+    body = finish(client, redis_conn, task_id)
+    assert body["status"] == "completed", body
+    assert requests_with(stand_in, prompt) == 1

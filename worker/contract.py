@@ -109,6 +109,9 @@ def finished_key(task_id: str) -> str:
     return f"{KEY_PREFIX}finished:{task_id}"
 
 
+WAKE_KEY = f"{KEY_PREFIX}wake"
+"""A list with one entry per submitted job, at most WAKE_MAX: idle workers block on it, then take a job."""
+WAKE_MAX = 10_000
 ENGINE_DOWN_KEY = f"{KEY_PREFIX}engine-down"
 """Set when a job could not reach the engine; workers then wait for its health check before taking jobs."""
 RECENT_PROCESSING_KEY = f"{KEY_PREFIX}recent-processing"

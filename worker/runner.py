@@ -10,6 +10,9 @@
 - Priorities: the worker takes from llm-high, llm-normal, llm-low in that order (RQ's default
   dequeue strategy), except that a lower queue whose oldest job has waited PRIORITY_AGING seconds
   goes first (ageing), so low is never starved for good.
+- Taking a job moves it into its queue's intermediate list in the same step (`EngineQueue`), as RQ does
+  for a worker of one queue: a worker killed before it marks the job started leaves it there, and RQ's
+  sweep takes it up about a minute later. RQ's `BLPOP` over several queues would leave it nowhere.
 - Cancel: RQ's stop-job command reaches `kill_horse`, which cuts the engine stream; the job then
   ends in RQ's canceled registry with what it had generated (see `worker.jobs.on_failure`).
 - Threads: the pool runs several workers in threads of one process (worker/pool.py). A job's time limit
@@ -25,6 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from loguru import logger
+from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
@@ -67,8 +71,57 @@ class EngineDeadline(BaseDeathPenalty):
         engine_client().deadline = self._outer
 
 
+TAKE_SCRIPT = """
+for i = 2, #KEYS, 2 do
+    local job_id = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
+    if job_id then
+        redis.call('LPOP', KEYS[1])
+        return {KEYS[i], job_id}
+    end
+end
+return false
+"""
+"""Move the first job of the first non-empty queue to its intermediate list and use up one wake entry.
+
+KEYS: the wake list, then each queue in order followed by its intermediate list. Returns [queue key, job id].
+"""
+
+
+class EngineQueue(Queue):
+    """RQ's Queue whose `dequeue_any` moves the job it takes from any of several queues atomically."""
+
+    _take: Any = None
+
+    @classmethod
+    def dequeue_any(cls, queues: Any, timeout: int | None, connection: Any = None, **kwargs: Any) -> Any:
+        """Take the first job of the first non-empty queue (TAKE_SCRIPT); when all are empty, wait up to
+        `timeout` seconds for a wake entry (contract.WAKE_KEY) and look again.
+
+        Raises:
+            DequeueTimeout: nothing came within `timeout` (RQ's worker loop then waits again).
+        """
+        if cls._take is None:
+            cls._take = connection.register_script(TAKE_SCRIPT)
+        keys = [contract.WAKE_KEY]
+        for queue in queues:
+            keys += [queue.key, queue.intermediate_queue_key]
+        while True:
+            taken = cls._take(keys=keys, client=connection)
+            if taken is None:
+                if timeout is None:
+                    return None
+                if connection.blpop([contract.WAKE_KEY], timeout) is None:
+                    raise DequeueTimeout(timeout, keys[1::2])
+                continue
+            queue_key, job_id = (value.decode() for value in taken)
+            result = cls._fetch_dequeued_job(connection, queue_key, job_id, **kwargs)
+            if result is not None:
+                return result
+
+
 class EngineWorker(SimpleWorker):
     job_class = EngineJob
+    queue_class = EngineQueue
     death_penalty_class = EngineDeadline
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -87,6 +140,12 @@ class EngineWorker(SimpleWorker):
         self._ordered_at = 0.0
         self._priority_order = list(self._ordered_queues)
         self._engine: EngineClient | None = None  # the client of the thread running this worker's jobs
+
+    def validate_queues(self) -> None:
+        """Accept RQ's own Queue objects too (`rq worker`, tests): only `EngineQueue.dequeue_any` is needed."""
+        for queue in self.queues:
+            if not isinstance(queue, Queue):
+                raise TypeError(f"{queue} is not a Queue")
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         """Start as RQ does, and ask Redis its version now: RQ otherwise asks when taking the first job."""
@@ -214,7 +273,8 @@ class EngineWorker(SimpleWorker):
         return execution
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
-        """RQ's bookkeeping before a job runs (heartbeats, status started), sent with the execution record."""
+        """RQ's bookkeeping before a job runs (heartbeats, status started, out of the intermediate list), sent with
+        the execution record."""
         attempt_begun = self._start_pipeline is not None and job.func_name == contract.TASK_PATH
         pipeline, self._start_pipeline = self._start_pipeline or self.connection.pipeline(), None
         with pipeline:
@@ -223,8 +283,8 @@ class EngineWorker(SimpleWorker):
             job.heartbeat(now(), ttl, pipeline=pipeline)
             job.prepare_for_execution(self.name, pipeline=pipeline)
             pipeline.persist(job.key)
-            if remove_from_intermediate_queue:
-                pipeline.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
+            # Always: `EngineQueue` takes every job through the intermediate list, not only from one queue.
+            pipeline.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
             replies = pipeline.execute()
         if attempt_begun:
             setattr(job, ATTEMPT_BEGUN, bool(replies[0]))
