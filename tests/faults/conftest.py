@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from tests.conftest import ROOT, SERVED_MODEL, wait_until
+from tests.conftest import KEY, ROOT, SERVED_MODEL, wait_until
 from web import create_app
 
 FAULT_DB = 2
+AUTH = {"X-API-Key": KEY}
 MEASURED: dict[str, str] = {}
 """What each fault test measured, printed in the terminal summary."""
 
@@ -114,3 +115,13 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 
     process.send_signal(sig)
     process.wait(timeout=timeout)
     return time.monotonic() - sent
+
+
+def submit(client, prompt: str, max_tokens: int = 8) -> str:
+    response = client.post("/generate", json={"prompt": prompt, "max_tokens": max_tokens}, headers=AUTH)
+    assert response.status_code == 202, response.get_json()
+    return response.get_json()["task_id"]
+
+
+def status(client, task_id: str) -> str:
+    return client.get(f"/status/{task_id}", headers=AUTH).get_json()["status"]

@@ -7,11 +7,9 @@ import time
 import pytest
 from rq.registry import CanceledJobRegistry
 
-from tests.conftest import KEY, wait_until
-from tests.faults.conftest import MEASURED
+from tests.conftest import wait_until
+from tests.faults.conftest import AUTH, MEASURED
 from worker import contract
-
-AUTH = {"X-API-Key": KEY}
 
 
 @pytest.mark.timeout(120)

@@ -22,23 +22,12 @@ from rq.job import Job
 from rq.results import Result
 
 from tests.conftest import KEY, ROOT, free_port, wait_until
-from tests.faults.conftest import MEASURED, start_redis, stop
+from tests.faults.conftest import AUTH, MEASURED, start_redis, status, stop, submit
 from tests.stand_in_engine import StandInEngine
 from web import create_app
 from worker import contract
 
-AUTH = {"X-API-Key": KEY}
 RECOVERY_LIMIT = 60  # seconds from the kill to the completed job
-
-
-def submit(client, prompt: str, max_tokens: int = 8) -> str:
-    response = client.post("/generate", json={"prompt": prompt, "max_tokens": max_tokens}, headers=AUTH)
-    assert response.status_code == 202, response.get_json()
-    return response.get_json()["task_id"]
-
-
-def status(client, task_id: str) -> str:
-    return client.get(f"/status/{task_id}", headers=AUTH).get_json()["status"]
 
 
 def wait_finished(client, task_id: str, timeout: float) -> dict:

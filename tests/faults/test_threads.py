@@ -13,21 +13,15 @@ import uuid
 import pytest
 from rq import Worker
 
-from tests.conftest import KEY, ROOT, wait_until
-from tests.faults.conftest import MEASURED, stop
+from tests.conftest import ROOT, wait_until
+from tests.faults.conftest import AUTH, MEASURED, status, stop, submit
 from worker import contract
 
-AUTH = {"X-API-Key": KEY}
-
-
-def submit(client, prompt: str) -> str:
-    response = client.post("/generate", json={"prompt": prompt, "max_tokens": 64}, headers=AUTH)
-    assert response.status_code == 202, response.get_json()
-    return response.get_json()["task_id"]
+MAX_TOKENS = 64  # more than the stand-in's 40 slow tokens
 
 
 def statuses(client, task_ids: list[str]) -> list[str]:
-    return [client.get(f"/status/{task_id}", headers=AUTH).get_json()["status"] for task_id in task_ids]
+    return [status(client, task_id) for task_id in task_ids]
 
 
 def all_running(client, conn, count: int, seconds: int) -> tuple[list[str], list[str], list[Worker]]:
@@ -37,7 +31,7 @@ def all_running(client, conn, count: int, seconds: int) -> tuple[list[str], list
         The prompts, task ids and the workers running them.
     """
     prompts = [f"stand-in:sleep={seconds} {uuid.uuid4()}" for _ in range(count)]
-    task_ids = [submit(client, prompt) for prompt in prompts]
+    task_ids = [submit(client, prompt, MAX_TOKENS) for prompt in prompts]
     wait_until(lambda: statuses(client, task_ids) == ["processing"] * count, 10, f"{count} jobs to run at once")
     workers = {worker.get_current_job_id(): worker for worker in Worker.all(connection=conn)}
     return prompts, task_ids, [workers[task_id] for task_id in task_ids]
@@ -88,7 +82,7 @@ def test_second_sigterm_to_a_process_recovers_every_job_it_was_running(
 def test_cancel_cuts_only_its_own_job_among_the_workers_of_a_process(start_pool, fault_client, fault_conn, stand_in):
     start_pool(concurrency=2, WORKER_THREADS="2")
     cancelled, kept = (f"stand-in:slow=0.1 {uuid.uuid4()}" for _ in range(2))  # 40 tokens, one every 0.1 s
-    cancelled_id, kept_id = submit(fault_client, cancelled), submit(fault_client, kept)
+    cancelled_id, kept_id = submit(fault_client, cancelled, MAX_TOKENS), submit(fault_client, kept, MAX_TOKENS)
     wait_until(
         lambda: min(fault_conn.xlen(contract.events_key(task_id)) for task_id in (cancelled_id, kept_id)) >= 4,
         20,
