@@ -83,15 +83,17 @@ def run_workers(
         )  # fmt: skip
     stop_requested_at: float | None = None
 
-    def stop(signum: int, frame: Any) -> None:
+    def warm_stop() -> None:
         nonlocal stop_requested_at
-        current = time.monotonic()
+        stop_requested_at = time.monotonic()
+        for worker in workers:
+            worker.stop_after_job()
+
+    def stop(signum: int, frame: Any) -> None:
         if stop_requested_at is None:
-            stop_requested_at = current
             logger.info("worker process {}: warm shutdown, {} workers finish their jobs", os.getpid(), threads)
-            for worker in workers:
-                worker.stop_after_job()
-        elif current - stop_requested_at >= DUPLICATE_SIGNAL_WINDOW:
+            warm_stop()
+        elif time.monotonic() - stop_requested_at >= DUPLICATE_SIGNAL_WINDOW:
             busy = sum(worker.get_state() == WorkerStatus.BUSY for worker in workers)
             logger.warning("worker process {}: cold shutdown, {} running jobs go back to the queue", os.getpid(), busy)
             for worker in workers:
@@ -121,6 +123,4 @@ def run_workers(
             # RQ ends a worker on an error it cannot handle (Redis timing out, a bug): the process leaves
             # after the others' jobs, and the pool starts a full one in its place.
             logger.warning("worker process {}: a worker has stopped, so the others stop after their jobs", os.getpid())
-            stop_requested_at = time.monotonic()
-            for worker in workers:
-                worker.stop_after_job()
+            warm_stop()

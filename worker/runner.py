@@ -236,7 +236,7 @@ class EngineWorker(SimpleWorker):
         """
         if self._stop_requested:
             with self.connection.pipeline() as pipe:
-                pipe.lrem(queue.intermediate_queue_key, 1, job.id)  # where RQ moves a job taken from one queue
+                pipe.lrem(queue.intermediate_queue_key, 1, job.id)  # where `EngineQueue` moved it
                 queue.push_job_id(job.id, pipeline=pipe, at_front=True)
                 pipe.execute()
             self.log.info("Worker %s: stopping; job %s goes back to the front of %s", self.name, job.id, queue.name)
