@@ -70,6 +70,7 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
             api_samples, api_wall, api_errors = run(
                 load.closed_loop(lambda c, i: via_api(c, index=i), counts[level], level, first)
             )
+        load.attach_server_latency(api_samples, Redis.from_url(redis_url))
         entry = {
             "direct": load.summarize(direct_samples, direct_wall, direct_errors),
             "queue": load.summarize(api_samples, api_wall, api_errors),

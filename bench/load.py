@@ -1,8 +1,9 @@
 """Closed-loop async load: C clients, each sending its next request when the last one finished.
 
 Two ways to run a request: straight to the engine's OpenAI API (`direct`), or through the service
-(`through_api`: submit, then long-poll `/result?wait=N` as a client would; the server's own timestamps
-are kept too, so the way the client learns of completion does not hide the queue's cost).
+(`through_api`: submit, then long-poll `/result?wait=N` as a client would). The server's own timestamps
+are kept too (`attach_server_latency`), so the way the client learns of completion does not hide the
+queue's cost.
 
 The clients are aiohttp's: the load generator shares the 2 cores with what it measures, and httpx took
 0.8-1.3 ms of CPU per request against aiohttp's 0.23 ms.
@@ -18,6 +19,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
+from redis import Redis
+from rq.job import Job
+from rq.utils import utcparse
 
 from bench.stack import API_KEY, MODEL
 
@@ -33,8 +37,10 @@ class Sample:
     latency: float  # seconds, as the client saw it
     ttft: float | None  # seconds
     tokens: int
-    server_latency: float | None = None  # submit round trip + created -> ended (RQ's timestamps), seconds
+    server_latency: float | None = None  # from sending the submit to the job's end (RQ's), seconds
     task_id: str | None = None
+    sent_at: float | None = None  # time.time() when the submit was sent
+    total_time: float | None = None  # the job's created -> ended (RQ's timestamps), seconds
 
 
 async def direct(client: aiohttp.ClientSession, engine_url: str, index: int, max_tokens: int) -> Sample:
@@ -61,7 +67,7 @@ async def direct(client: aiohttp.ClientSession, engine_url: str, index: int, max
 async def through_api(client: aiohttp.ClientSession, api_url: str, index: int, max_tokens: int, wait: int) -> Sample:
     headers = {"X-API-Key": API_KEY}
     body = {"prompt": prompt(index), "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-    started = time.perf_counter()
+    sent_at, started = time.time(), time.perf_counter()
     async with client.post(f"{api_url}/generate", json=body, headers=headers) as submitted:
         submitted.raise_for_status()
         task_id = (await submitted.json())["task_id"]
@@ -79,8 +85,25 @@ async def through_api(client: aiohttp.ClientSession, api_url: str, index: int, m
         raise RuntimeError(f"task {task_id} ended {result['status']}: {result}")
     metrics = result["metrics"]
     ttft = submit_rtt + metrics["queue_wait_time"] + metrics["time_to_first_token"]
-    server = submit_rtt + metrics["total_time"]
-    return Sample(index, time.perf_counter() - started, ttft, metrics["completion_tokens"], server, task_id)
+    latency = time.perf_counter() - started
+    return Sample(index, latency, ttft, metrics["completion_tokens"], None, task_id, sent_at, metrics["total_time"])
+
+
+def attach_server_latency(samples: list[Sample], connection: Redis) -> None:
+    """Set each sample's `server_latency`: from sending its submit to its job's end by RQ's clock.
+
+    The job's end is its `created_at` (read from RQ's job hash, in one round trip after the run) plus its
+    created -> ended time; the load generator and the server share this machine's clock.
+    """
+    samples = [s for s in samples if s.task_id is not None]
+    with connection.pipeline(transaction=False) as pipe:
+        for sample in samples:
+            pipe.hget(Job.key_for(sample.task_id), "created_at")
+        created = pipe.execute()
+    for sample, created_at in zip(samples, created, strict=True):
+        if created_at is not None:
+            ended = utcparse(created_at.decode()).timestamp() + sample.total_time
+            sample.server_latency = ended - sample.sent_at
 
 
 async def _attempt(
