@@ -348,7 +348,8 @@ def test_a_taken_job_waits_in_the_intermediate_list_until_it_starts(client, redi
     assert redis_conn.llen(contract.WAKE_KEY) == 1  # one wake entry per submitted job
     queues = [Queue(name, connection=redis_conn) for name in contract.QUEUES]
     job, queue = EngineWorker(queues, connection=redis_conn).dequeue_job_and_maintain_ttl(None)  # as a worker takes it
-    assert job.id == task_id
+    assert job.id == task_id and job.args[0]["prompt"] == "Say hello"  # read in the same step
+    assert job.meta[contract.META_OWNER] and not job.cancel_requested
     assert queue.count == 0 and queue.intermediate_queue.get_job_ids() == [task_id]
     assert redis_conn.llen(contract.WAKE_KEY) == 0
     queue.push_job_id(task_id)  # and back, as if the take had not happened
@@ -357,6 +358,23 @@ def test_a_taken_job_waits_in_the_intermediate_list_until_it_starts(client, redi
     body = finish(client, redis_conn, task_id)
     assert body["status"] == "completed"
     assert queue.intermediate_queue.get_job_ids() == []  # the start transaction took it out
+
+
+def test_the_take_passes_over_a_deleted_job_and_reads_a_cancel_asked_before_it(client, redis_conn, worker_env):
+    from rq import Queue
+    from rq.job import Job
+
+    from worker import contract
+    from worker.runner import EngineWorker
+
+    deleted = submit(client, prompt="deleted while it waited")
+    cancelled = submit(client, prompt="cancelled while it waited")
+    Job.fetch(deleted, connection=redis_conn).delete(remove_from_queue=False)  # its id stays in the queue
+    redis_conn.set(contract.cancel_key(cancelled), 1)
+    queues = [Queue(name, connection=redis_conn) for name in contract.QUEUES]
+    job, queue = EngineWorker(queues, connection=redis_conn).dequeue_job_and_maintain_ttl(None)
+    assert job.id == cancelled and job.cancel_requested
+    assert queue.count == 0
 
 
 def test_a_job_whose_worker_died_before_starting_it_is_run_by_another(client, redis_conn, worker_env, stand_in):

@@ -12,7 +12,8 @@
   goes first (ageing), so low is never starved for good.
 - Taking a job moves it into its queue's intermediate list in the same step (`EngineQueue`), as RQ does
   for a worker of one queue: a worker killed before it marks the job started leaves it there, and RQ's
-  sweep takes it up about a minute later. RQ's `BLPOP` over several queues would leave it nowhere.
+  sweep takes it up about a minute later. RQ's `BLPOP` over several queues would leave it nowhere. The
+  same step reads the job, which RQ does in a round trip of its own.
 - Cancel: RQ's stop-job command reaches `kill_horse`, which cuts the engine stream; the job then
   ends in RQ's canceled registry with what it had generated (see `worker.jobs.on_failure`).
 - Threads: the pool runs several workers in threads of one process (worker/pool.py). A job's time limit
@@ -36,7 +37,7 @@ from rq.rate_limit import release_slot
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from rq.suspension import WORKERS_SUSPENDED
 from rq.timeouts import BaseDeathPenalty
-from rq.utils import current_timestamp, now, utcparse
+from rq.utils import backend_class, current_timestamp, now, utcparse
 from rq.worker import SimpleWorker, WorkerStatus
 
 from worker import contract, outcome
@@ -76,26 +77,39 @@ for i = 2, #KEYS, 2 do
     local job_id = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
     if job_id then
         redis.call('LPOP', KEYS[1])
-        return {KEYS[i], job_id}
+        local job = redis.call('HGETALL', ARGV[1] .. job_id)
+        return {KEYS[i], job_id, job, redis.call('EXISTS', ARGV[2] .. job_id)}
     end
 end
 return false
 """
-"""Move the first job of the first non-empty queue to its intermediate list and use up one wake entry.
+"""Move the first job of the first non-empty queue to its intermediate list, use up one wake entry, and read the job.
 
-KEYS: the wake list, then each queue in order followed by its intermediate list. Returns [queue key, job id].
+KEYS: the wake list, then each queue in order followed by its intermediate list. ARGV: the prefixes of the job
+hashes and of the cancel keys. Returns [queue key, job id, the job's hash as a flat list, whether its owner
+cancelled it (0 or 1)]: what `EngineJob.refresh` reads, without a round trip of its own.
 """
 
 
 class EngineQueue(Queue):
-    """RQ's Queue whose `dequeue_any` moves the job it takes from any of several queues atomically."""
+    """RQ's Queue whose `dequeue_any` moves the job it takes from any of several queues atomically, and reads it."""
 
     _take: Any = None
 
     @classmethod
-    def dequeue_any(cls, queues: Any, timeout: int | None, connection: Any = None, **kwargs: Any) -> Any:
-        """Take the first job of the first non-empty queue (TAKE_SCRIPT); when all are empty, wait up to
-        `timeout` seconds for a wake entry (contract.WAKE_KEY) and look again.
+    def dequeue_any(
+        cls,
+        queues: Any,
+        timeout: int | None,
+        connection: Any = None,
+        job_class: type[Job] | None = None,
+        serializer: Any = None,
+        death_penalty_class: Any = None,
+    ) -> Any:
+        """Take the first job of the first non-empty queue with its data (TAKE_SCRIPT); when all are empty,
+        wait up to `timeout` seconds for a wake entry (contract.WAKE_KEY) and look again.
+
+        Returns (job, queue) as RQ's does; a job whose hash is gone is passed over, as RQ does.
 
         Raises:
             DequeueTimeout: nothing came within `timeout` (RQ's worker loop then waits again).
@@ -105,18 +119,31 @@ class EngineQueue(Queue):
         keys = [contract.WAKE_KEY]
         for queue in queues:
             keys += [queue.key, queue.intermediate_queue_key]
+        job_class = backend_class(cls, "job_class", override=job_class)
+        prefixes = [job_class.redis_job_namespace_prefix, contract.cancel_key("")]
         while True:
-            taken = cls._take(keys=keys, client=connection)
+            taken = cls._take(keys=keys, args=prefixes, client=connection)
             if taken is None:
                 if timeout is None:
                     return None
                 if connection.blpop([contract.WAKE_KEY], timeout) is None:
                     raise DequeueTimeout(timeout, keys[1::2])
                 continue
-            queue_key, job_id = (value.decode() for value in taken)
-            result = cls._fetch_dequeued_job(connection, queue_key, job_id, **kwargs)
-            if result is not None:
-                return result
+            queue_key, job_id, fields, cancelled = taken
+            if not fields:
+                continue  # deleted while it waited
+            queue = cls.from_queue_key(
+                queue_key.decode(), connection=connection, job_class=job_class, serializer=serializer,
+                death_penalty_class=death_penalty_class,
+            )  # fmt: skip
+            job = job_class(job_id.decode(), connection=connection, serializer=serializer)
+            try:
+                job.restore(dict(zip(fields[::2], fields[1::2], strict=True)))
+            except Exception as exc:  # what RQ's dequeue attaches, for its worker's report
+                exc.job_id, exc.queue = job.id, queue
+                raise
+            job.cancel_requested = bool(cancelled)
+            return job, queue
 
 
 class EngineWorker(SimpleWorker):
