@@ -76,6 +76,9 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
             "queue": load.summarize(api_samples, api_wall, api_errors),
         }
         entry["queue_vs_direct_throughput"] = round(entry["queue"]["tokens_per_s"] / entry["direct"]["tokens_per_s"], 3)
+        steady = [load.steady_tokens_per_s(samples) for samples in (direct_samples, api_samples)]
+        if level > 1 and None not in steady:  # the closed loops (c=1 alternates the ways instead)
+            entry["steady_queue_vs_direct"] = round(steady[1] / steady[0], 3)
         entry["added_latency"] = load.added_latency_ms(direct_samples, api_samples)
         if level == 1:
             entry["engine_repeat"] = load.repeat_difference_ms(direct_samples, again)

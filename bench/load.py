@@ -25,6 +25,10 @@ from rq.utils import utcparse
 
 from bench.stack import API_KEY, MODEL
 
+STEADY_SKIP = 3
+"""Answers per client that the steady-state throughput leaves out: the synchronized start of a closed loop
+(every client submits in the same instant) spreads over its first three rounds."""
+
 
 def prompt(index: int) -> str:
     """Deterministic prompts, distinct so every run does the same work."""
@@ -41,6 +45,8 @@ class Sample:
     task_id: str | None = None
     sent_at: float | None = None  # time.time() when the submit was sent
     total_time: float | None = None  # the job's created -> ended (RQ's timestamps), seconds
+    client: int = 0  # which of the closed loop's clients sent it
+    finished: float = 0.0  # time.perf_counter() when the client had its answer
 
 
 async def direct(client: aiohttp.ClientSession, engine_url: str, index: int, max_tokens: int) -> Sample:
@@ -112,12 +118,16 @@ async def _attempt(
     index: int,
     samples: list[Sample],
     errors: list[str],
+    client_number: int = 0,
 ) -> None:
     """Run one request, keeping its sample, or its failure as an error line."""
     try:
-        samples.append(await request(client, index))
+        sample = await request(client, index)
     except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
         errors.append(f"request {index}: {exc!r}")
+        return
+    sample.client, sample.finished = client_number, time.perf_counter()
+    samples.append(sample)
 
 
 async def closed_loop(
@@ -129,12 +139,12 @@ async def closed_loop(
     errors: list[str] = []
     async with _session(concurrency * 2) as client:
 
-        async def client_loop() -> None:
+        async def client_loop(number: int) -> None:
             for index in pending:
-                await _attempt(request, client, index, samples, errors)
+                await _attempt(request, client, index, samples, errors, number)
 
         started = time.perf_counter()
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        await asyncio.gather(*(client_loop(number) for number in range(concurrency)))
         return samples, time.perf_counter() - started, errors
 
 
@@ -188,6 +198,26 @@ def summarize(samples: list[Sample], wall: float, errors: list[str]) -> dict[str
     if servers:
         summary["server_p50_s"] = round(statistics.median(servers), 4)
     return summary
+
+
+def steady_tokens_per_s(samples: list[Sample], skip: int = STEADY_SKIP) -> float | None:
+    """Tokens/s of a closed loop once each client has had `skip` answers: the sum over the clients of the
+    tokens of their later requests over the time from their `skip`-th answer to their last.
+
+    A closed loop starts every client at the same instant; this leaves out that start. None when a client
+    had fewer than `skip` + 2 answers.
+    """
+    by_client: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_client.setdefault(sample.client, []).append(sample)
+    total = 0.0
+    for own in by_client.values():
+        own.sort(key=lambda s: s.finished)
+        if len(own) < skip + 2:
+            return None
+        later = own[skip:]
+        total += sum(s.tokens for s in later) / (later[-1].finished - own[skip - 1].finished)
+    return total
 
 
 def added_latency_ms(direct_samples: list[Sample], api_samples: list[Sample]) -> dict[str, float]:
