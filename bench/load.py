@@ -223,7 +223,11 @@ def steady_tokens_per_s(samples: list[Sample], skip: int = STEADY_SKIP) -> float
 def added_latency_ms(direct_samples: list[Sample], api_samples: list[Sample]) -> dict[str, float]:
     """Queue path minus engine alone, paired by prompt, from the server's timestamps (milliseconds)."""
     engine = {s.index: s.latency for s in direct_samples}
-    return _spread([(s.server_latency - engine[s.index]) * 1000 for s in api_samples if s.index in engine])
+    return _spread([
+        (s.server_latency - engine[s.index]) * 1000
+        for s in api_samples
+        if s.index in engine and s.server_latency is not None  # None: its job hash had expired
+    ])  # fmt: skip
 
 
 def repeat_difference_ms(first_samples: list[Sample], again_samples: list[Sample]) -> dict[str, float]:
@@ -240,5 +244,5 @@ def _spread(differences: list[float]) -> dict[str, float]:
         "pairs": len(differences),
         "p50_ms": round(percentile(differences, 50), 2),
         "p99_ms": round(percentile(differences, 99), 2),
-        "max_ms": round(max(differences), 2),
+        "max_ms": round(max(differences, default=float("nan")), 2),
     }
