@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 from rq import get_current_job
-from rq.exceptions import AbandonedJobError, NoSuchJobError
+from rq.exceptions import AbandonedJobError
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
@@ -210,19 +210,9 @@ def _waited(job: Job) -> float:
 
 
 class EngineJob(Job):
-    """RQ's Job, whose read from Redis also asks, in the same round trip, whether its owner cancelled it."""
+    """RQ's Job, which knows whether its owner had cancelled it when a worker took it (`EngineQueue` reads both)."""
 
     cancel_requested = False
-
-    def refresh(self) -> None:
-        with self.connection.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.key)
-            pipe.exists(contract.cancel_key(self.id))
-            data, cancelled = pipe.execute()
-        if not data:
-            raise NoSuchJobError(f"No such job: {self.key}")
-        self.restore(data)
-        self.cancel_requested = bool(cancelled)
 
 
 def on_success(job: Job, connection: Redis, result: dict[str, Any]) -> None:

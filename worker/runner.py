@@ -87,7 +87,7 @@ return false
 
 KEYS: the wake list, then each queue in order followed by its intermediate list. ARGV: the prefixes of the job
 hashes and of the cancel keys. Returns [queue key, job id, the job's hash as a flat list, whether its owner
-cancelled it (0 or 1)]: what `EngineJob.refresh` reads, without a round trip of its own.
+cancelled it (0 or 1)]: what RQ's fetch after a take reads, and the cancel mark, without a round trip of their own.
 """
 
 
