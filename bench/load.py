@@ -28,6 +28,9 @@ from bench.stack import API_KEY, MODEL
 STEADY_SKIP = 3
 """Answers per client that the steady-state throughput leaves out: the synchronized start of a closed loop
 (every client submits in the same instant) spreads over its first three rounds."""
+FIRST_ROUNDS = 8
+"""Where a closed loop ran more rounds of its clients than this, its ratio over the first this many rounds
+alone is given too: what a run of that length would measure."""
 
 
 def prompt(index: int) -> str:
@@ -218,6 +221,17 @@ def steady_tokens_per_s(samples: list[Sample], skip: int = STEADY_SKIP) -> float
         later = own[skip:]
         total += sum(s.tokens for s in later) / (later[-1].finished - own[skip - 1].finished)
     return total
+
+
+def first_tokens_per_s(samples: list[Sample], count: int) -> float | None:
+    """Tokens/s of a closed loop's first `count` answers: their tokens over the time from the loop's first
+    request to the last of these answers. None when the loop had no more answers than that.
+    """
+    if len(samples) <= count:
+        return None
+    first = sorted(samples, key=lambda s: s.finished)[:count]
+    started = min(s.finished - s.latency for s in samples)
+    return sum(s.tokens for s in first) / (first[-1].finished - started)
 
 
 def added_latency_ms(direct_samples: list[Sample], api_samples: list[Sample]) -> dict[str, float]:
