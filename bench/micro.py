@@ -109,7 +109,7 @@ def worker_class_throughput(redis_url: str, engine_url: str, jobs: int, processe
     for label, argvs in runs.items():
         queue = Queue(TRIVIAL_QUEUE, connection=connection)
         queue.empty()
-        count = jobs // 4 if label == FORKING else jobs  # at about 130 jobs/s, a quarter is still 6 s of it
+        count = jobs // 4 if label == FORKING else jobs  # at 110-130 jobs/s, a quarter is still 6-7 s of it
         queue.enqueue_many([Queue.prepare_data("bench.jobs.noop", result_ttl=300) for _ in range(count)])
         ids = queue.get_job_ids()
         env = {"ENGINE_URL": engine_url, "PATH": str(Path(sys.executable).parent)}
