@@ -378,20 +378,53 @@ def test_the_take_passes_over_a_deleted_job_and_reads_a_cancel_asked_before_it(c
 
 
 def test_a_job_whose_worker_died_before_starting_it_is_run_by_another(client, redis_conn, worker_env, stand_in):
+    prompt = f"taken then dropped {uuid.uuid4()}"
+    task_id = submit(client, prompt=prompt)
+    sweep_after_taker_died(redis_conn, task_id)
+    status = client.get(f"/status/{task_id}", headers=AUTH).get_json()
+    assert status["status"] == "queued" and "after attempt 1 failed (worker_died)" in status["message"], status
+
+    body = finish(client, redis_conn, task_id)
+    assert body["status"] == "completed", body
+    assert requests_with(stand_in, prompt) == 1
+
+
+def test_a_job_stuck_in_the_intermediate_list_with_no_retry_left_ends_as_worker_died(
+    client, redis_conn, worker_env, stand_in
+):
+    from rq.job import Job
+
+    from worker import contract
+
+    prompt = f"taken then dropped, last attempt {uuid.uuid4()}"
+    task_id = submit(client, prompt=prompt)
+    redis_conn.hset(Job.key_for(task_id), "retries_left", 0)
+    sweep_after_taker_died(redis_conn, task_id)
+
+    response = client.get(f"/result/{task_id}", headers=AUTH)
+    assert response.status_code == 200
+    assert_failed(response.get_json(), "worker_died")
+    [(_, final)] = redis_conn.xrevrange(contract.events_key(task_id), count=1)
+    assert final[b"event"] == b"error"
+    assert redis_conn.xlen(contract.finished_key(task_id)) == 1  # what long polls wait on
+    lines = request_log_lines(worker_env)
+    assert len(lines) == 1 and f"task_id={task_id} status=error error_type=worker_died" in lines[0]
+    assert requests_with(stand_in, prompt) == 0
+
+
+def sweep_after_taker_died(redis_conn, task_id: str) -> None:
+    """A worker takes the job and dies before starting it; RQ's sweep finds it in the intermediate list, then
+    again over a minute later, and fails it."""
     from rq import Queue
 
     from worker import contract
     from worker.runner import EngineWorker
 
-    prompt = f"taken then dropped {uuid.uuid4()}"
-    task_id = submit(client, prompt=prompt)
     queues = [Queue(name, connection=redis_conn) for name in contract.QUEUES]
-    _, queue = EngineWorker(queues, connection=redis_conn).dequeue_job_and_maintain_ttl(None)  # then it is killed
+    job, queue = EngineWorker(queues, connection=redis_conn).dequeue_job_and_maintain_ttl(None)
+    assert job.id == task_id
     sweeper = EngineWorker(queues, connection=redis_conn)
     queue.intermediate_queue.cleanup(sweeper, queue)  # RQ's sweep: first seen now
     redis_conn.set(queue.intermediate_queue.get_first_seen_key(task_id), time.time() - 120)  # a sweep 2 min later
     queue.intermediate_queue.cleanup(sweeper, queue)
-
-    body = finish(client, redis_conn, task_id)
-    assert body["status"] == "completed", body
-    assert requests_with(stand_in, prompt) == 1
+    assert queue.intermediate_queue.get_job_ids() == []

@@ -29,7 +29,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from loguru import logger
-from rq.exceptions import DequeueTimeout
+from rq.callbacks import execute_failure_callback
+from rq.exceptions import AbandonedJobError, DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
@@ -412,7 +413,21 @@ class EngineWorker(SimpleWorker):
             self._engine.interrupt()
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string="", execution=None):
-        """File a cancelled job under RQ's canceled registry, keeping what it generated; others as RQ does."""
+        """File a cancelled job under RQ's canceled registry, keeping what it generated; others as RQ does.
+
+        Only RQ's sweep of the intermediate lists fails a job here without an execution: a job taken by a
+        worker that died before starting it. It goes through the failure callback first, as RQ's sweep of
+        abandoned jobs does, so it is retried as `worker_died`, or ends with that error type and its final event.
+        """
+        if execution is None:
+            # Its attempt ended before the start transaction, which counts attempts (`begin_attempt`); RQ counts
+            # it as a try all the same (its retries left go down by one).
+            job.meta[contract.META_ATTEMPT] = job.meta.get(contract.META_ATTEMPT, 0) + 1
+            died = AbandonedJobError(exc_string)
+            try:
+                execute_failure_callback(job, self.death_penalty_class, AbandonedJobError, died, None)
+            except Exception:
+                logger.exception("failure callback of job {}, found stuck in an intermediate list, raised", job.id)
         if contract.META_PARTIAL not in job.meta:
             return super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
         self._stopped_job_id = None
