@@ -171,7 +171,8 @@ def write(results: dict, docs: Path) -> None:
         f"of the clients. Beside it, where measured: the ratio over the first {FIRST_ROUNDS} rounds alone (a shorter",
         f"run), and the steady-state ratio, which leaves out each client's first {STEADY_SKIP} answers.",
         f"Every request asks for a fixed number of tokens (`ignore_eos`). The stand-in engine (not vLLM) streams "
-        f"one token every {results['stand_in_token_delay_s']} s with unlimited concurrency.",
+        f"one token every {results['stand_in_token_delay_s']} s, on a schedule from the request's arrival, with",
+        "unlimited concurrency.",
         "Measured warm: before each engine's levels, the engine serves the c=1 prompts once and",
         "every worker runs short jobs (128 at c=64); the API gets 1 s of submits before the fixed-rate test.",
         "",

@@ -11,7 +11,9 @@ Like vLLM, it streams with chunked transfer encoding and keeps connections alive
 closing one that stays idle for `idle_timeout` seconds (uvicorn's default is 5); `connections` counts
 the connections it accepted.
 With `ignore_eos` in the request it streams exactly `max_tokens` tokens, `token_delay` seconds apart,
-as a fixed-latency engine of unlimited concurrency for the benchmark:
+as a fixed-latency engine of unlimited concurrency for the benchmark. Token k leaves k delays after the
+request came, as an engine's steps keep their own clock: the time lost to waking up does not add up over
+the stream (64 sleeps of 20 ms took 1,290-1,303 ms one after another, 1,281 ms on the schedule):
   python -m tests.stand_in_engine --port 8101 --token-delay 0.02
 """
 
@@ -118,9 +120,10 @@ def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
             self._start_stream()
             reply = [" tok"] * body["max_tokens"] if body.get("ignore_eos") else REPLY
             pieces = reply[:1] if drop else reply
+            started = time.monotonic()
             for index, piece in enumerate(pieces):
-                if engine.token_delay:
-                    time.sleep(engine.token_delay)
+                if engine.token_delay:  # token k leaves k delays after the start: a late wake-up does not add up
+                    time.sleep(max(started + (index + 1) * engine.token_delay - time.monotonic(), 0))
                 finish = ("length" if body.get("ignore_eos") else "stop") if index == len(reply) - 1 else None
                 choice = {"index": 0, "finish_reason": finish}
                 choice.update({"delta": {"content": piece}} if chat else {"text": piece})
