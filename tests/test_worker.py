@@ -69,6 +69,32 @@ def test_prompt_completes_with_text_metrics_and_log_line(client, redis_conn, wor
     assert client.get(f"/status/{task_id}", headers=AUTH).get_json()["status"] == "completed"
 
 
+def test_the_line_for_a_job_taken_is_written_once_after_its_request_went_to_the_engine(
+    client, redis_conn, worker_env, monkeypatch
+):
+    messages: list[str] = []
+    written_before_the_request: list[list[str]] = []
+    send = EngineClient.send
+
+    def send_watched(self, payload):
+        written_before_the_request.append(list(messages))
+        send(self, payload)
+
+    monkeypatch.setattr(EngineClient, "send", send_watched)
+    sink = logger.add(lambda message: messages.append(message.record["message"]), level="INFO")
+    try:
+        task_id = submit(client, prompt="Say hello")
+        body = finish(client, redis_conn, task_id)
+    finally:
+        logger.remove(sink)
+    assert body["status"] == "completed"
+    taken = [message for message in messages if message.endswith(f"({task_id})")]
+    assert len(taken) == 1, messages
+    assert "llm-normal" in taken[0] and "generate max_tokens=16 priority=normal" in taken[0]
+    assert len(written_before_the_request) == 1
+    assert not any(task_id in message for message in written_before_the_request[0])
+
+
 def test_messages_use_chat_completions(client, redis_conn, worker_env, stand_in):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     body = finish(client, redis_conn, submit(client, messages=messages))

@@ -282,7 +282,11 @@ class _InterceptHandler(logging.Handler):
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
-        logger.opt(exception=record.exc_info, depth=6).log(level, record.getMessage())
+        # The record's caller: the first frame outside the logging module (a LoggerAdapter adds frames).
+        frame, depth = sys._getframe(1), 1
+        while frame.f_back is not None and frame.f_code.co_filename == logging.__file__:
+            frame, depth = frame.f_back, depth + 1
+        logger.opt(exception=record.exc_info, depth=depth).log(level, record.getMessage())
 
 
 def configure_logging(log_dir: str | Path, level: str = "INFO") -> None:
