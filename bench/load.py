@@ -169,8 +169,9 @@ async def alternating(
 
 
 def _session(connections: int) -> aiohttp.ClientSession:
-    """A client session; idle connections are dropped before gunicorn's 2 s keep-alive would close them under us."""
-    connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=1.0)
+    """A client session; an idle connection is dropped before the server's 5 s keep-alive (gunicorn's as the Procfile
+    sets it, uvicorn's, the stand-in's) would close it under us."""
+    connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=4.0)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=900))
 
 

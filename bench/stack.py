@@ -102,7 +102,7 @@ class Stack:
         """gunicorn serving the API, as in the Procfile."""
         port = free_port()
         argv = [str(BIN / "gunicorn"), "--workers", str(workers), "--worker-class", "gevent",
-                "--worker-connections", "1000", "--bind", f"127.0.0.1:{port}", "--preload",
+                "--worker-connections", "1000", "--keep-alive", "5", "--bind", f"127.0.0.1:{port}", "--preload",
                 "--access-logfile", "-", "web:create_app()"]  # fmt: skip
         process, log = self._start("web", argv, self._service_env(redis_url, engine_url))
         url = f"http://127.0.0.1:{port}"
