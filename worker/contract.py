@@ -282,7 +282,8 @@ class _InterceptHandler(logging.Handler):
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
-        # The record's caller: the first frame outside the logging module (a LoggerAdapter adds frames).
+        # The record's caller: the first frame outside the logging module, however many frames of it lie between
+        # (a record passed to `Logger.handle`, as `worker.runner.release_taken_line` does, has fewer).
         frame, depth = sys._getframe(1), 1
         while frame.f_back is not None and frame.f_code.co_filename == logging.__file__:
             frame, depth = frame.f_back, depth + 1

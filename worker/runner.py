@@ -154,9 +154,10 @@ _taken = threading.local()
 class TakenLineLater(logging.Filter):
     """Hold back RQ's log line for a job taken until the worker has sent the job's request (`release_taken_line`).
 
-    RQ writes that line between taking a job and running it. A log record costs this process 0.15 ms or more
-    (it goes to the pool's parent, which writes the files), so an EngineWorker writes it once the engine is
-    working on the job. Other workers' lines, and RQ's other lines, pass.
+    RQ writes that line between taking a job and running it. A log record costs this process about 0.15 ms
+    (for each of two sinks, a pickle and a write to the pool's parent, which writes the files), so an
+    EngineWorker writes it once the engine is working on the job. Other workers' lines, and RQ's other lines,
+    pass.
     """
 
     LINES = ("Worker %s: %s: %s (%s)", "Worker %s: %s: %s")  # with the job's description, and without
