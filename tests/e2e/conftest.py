@@ -110,7 +110,7 @@ def service(vllm_engine, redis_server, e2e_dir) -> Iterator[Service]:
     worker_log, web_log = e2e_dir / "worker.out", e2e_dir / "web.out"
     worker = start([sys.executable, "-m", "worker"], env, worker_log)
     gunicorn = str(Path(sys.executable).parent / "gunicorn")
-    web_argv = [gunicorn, "--workers", "2", "--worker-class", "gevent",
+    web_argv = [gunicorn, "--workers", "2", "--worker-class", "gevent", "--keep-alive", "5",
                 "--bind", f"127.0.0.1:{port}", "--preload", "web:create_app()"]  # fmt: skip
     web = start(web_argv, env, web_log)
     url = f"http://127.0.0.1:{port}"
