@@ -36,7 +36,7 @@ ONE_AT_A_TIME_SHARE = 2
 SHORT_C1 = {"vllm-cpu": (8, 24)}
 """c=1 again with short requests (tokens, prompts; --full multiplies the prompts by 4), for an engine whose own
 spread over PLAN's length is larger than the added-latency target: the CPU engine's two requests for the same
-64-token answer differ by tens of milliseconds, for 8 tokens by a few."""
+64-token answer differ by up to hundreds of milliseconds, for 8 tokens by up to about twenty."""
 MANY_JOBS = 10_000
 WARM_UP_TOKENS = 4
 WARM_UP_FIRST = 10**7  # prompt indexes of the warm-up jobs, apart from the measured ones
@@ -98,13 +98,13 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
         short_direct = functools.partial(load.direct, engine_url=engine_url, max_tokens=tokens)
         short_api = functools.partial(load.through_api, api_url=api_url, max_tokens=tokens, wait=WAIT)
         run(load.closed_loop(lambda c, i: short_direct(c, index=i), count, 1, first))  # warm, as the c=1 prompts
-        (direct_samples, _, _), (api_samples, _, errors), (again, _, _) = run(
+        (direct_samples, _, direct_errors), (api_samples, _, api_errors), (again, _, again_errors) = run(
             _direct_queue_direct(short_direct, short_api, count, first)
         )
         load.attach_server_latency(api_samples, Redis.from_url(redis_url))
         out["short_c1"] = {
             "max_tokens": tokens,
-            "errors": len(errors),
+            "errors": len(direct_errors + api_errors + again_errors),
             "added_latency": load.added_latency_ms(direct_samples, api_samples),
             "engine_repeat": load.repeat_difference_ms(direct_samples, again),
         }

@@ -17,11 +17,11 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
     for engine in ENGINES:
         if engine not in results:
             continue
-        pairs = [(engine, _levels(results, engine)[1])]
+        c1_rows = [(engine, _levels(results, engine)[1])]
         short = results[engine].get("short_c1")
         if short:
-            pairs.append((f"{engine}, {short['max_tokens']}-token requests", short))
-        for name, level in pairs:
+            c1_rows.append((f"{engine}, {short['max_tokens']}-token requests", short))
+        for name, level in c1_rows:
             added, repeat = level["added_latency"], level.get("engine_repeat")
             floor = ""
             if repeat:
