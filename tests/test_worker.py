@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -16,6 +17,7 @@ from web import create_app
 from worker import jobs
 from worker.engine import EngineClient
 from worker.exceptions import EngineUnavailable
+from worker.runner import TakenLineLater, _taken, release_taken_line
 
 AUTH = {"X-API-Key": KEY}
 
@@ -93,6 +95,28 @@ def test_the_line_for_a_job_taken_is_written_once_after_its_request_went_to_the_
     assert "llm-normal" in taken[0] and "generate max_tokens=16 priority=normal" in taken[0]
     assert len(written_before_the_request) == 1
     assert not any(task_id in message for message in written_before_the_request[0])
+
+
+def test_a_held_line_for_a_job_taken_is_written_when_the_next_one_is_held():
+    """The worker failed between taking a job and running it: its line is written when RQ writes the next one."""
+    log = logging.getLogger("tests.taken_line")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    written: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: written.append(record.getMessage())
+    log.addHandler(handler)
+    log.addFilter(TakenLineLater())
+    _taken.holding = True
+    try:
+        log.info("Worker %s: %s: %s", "w1", "llm-normal", "first")
+        assert written == []
+        log.info("Worker %s: %s: %s", "w1", "llm-normal", "second")
+        assert written == ["Worker w1: llm-normal: first"]
+    finally:
+        _taken.holding = False
+    release_taken_line()
+    assert written == ["Worker w1: llm-normal: first", "Worker w1: llm-normal: second"]
 
 
 def test_messages_use_chat_completions(client, redis_conn, worker_env, stand_in):

@@ -163,8 +163,10 @@ class TakenLineLater(logging.Filter):
     LINES = ("Worker %s: %s: %s (%s)", "Worker %s: %s: %s")  # with the job's description, and without
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(_taken, "holding", False) and record.msg in self.LINES:
+        # A record is held once: the one released below passes this filter on its way out.
+        if getattr(_taken, "holding", False) and record.msg in self.LINES and not hasattr(record, "held"):
             release_taken_line()  # one not written yet, if the worker failed between taking a job and running it
+            record.held = True
             _taken.record = record
             return False
         return True
