@@ -27,6 +27,11 @@ def build_command(
     if settings.profile == "cpu":
         argv += ["--dtype", "bfloat16"]
         env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kvcache_space)
+        if settings.single_process:
+            # vLLM's CPU default runs the model in a worker process on all cores but one, where its engine
+            # process spins while it waits for the worker. Without its multiprocessing executor the model runs
+            # in the engine process, on OpenMP's default of every core, and nothing spins.
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     else:
         argv += [
             "--quantization", settings.quantization,

@@ -32,6 +32,7 @@ class EngineSettings:
     port: int
     max_model_len: int  # tokens
     kvcache_space: int  # GiB, cpu profile
+    single_process: bool  # cpu profile: the model computes in vLLM's engine process, on every core
     enforce_eager: bool
     gpu_memory_utilization: float
     max_num_seqs: int
@@ -58,7 +59,8 @@ class EngineSettings:
             port=int(env.get("ENGINE_PORT", "8001")),
             max_model_len=int(env.get("MAX_MODEL_LEN") or DEFAULT_MAX_MODEL_LEN[profile]),
             kvcache_space=int(env.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_SPACE)),
-            enforce_eager=(env.get("ENFORCE_EAGER") or str(profile == "cpu")).lower() in ("1", "true", "yes"),
+            single_process=is_true(env.get("CPU_ENGINE_SINGLE_PROCESS") or "false"),
+            enforce_eager=is_true(env.get("ENFORCE_EAGER") or str(profile == "cpu")),
             gpu_memory_utilization=float(env.get("GPU_MEMORY_UTILIZATION", DEFAULT_GPU_MEMORY_UTILIZATION)),
             max_num_seqs=int(env.get("MAX_NUM_SEQS", DEFAULT_MAX_NUM_SEQS)),
             quantization=env.get("QUANTIZATION", "awq_marlin"),
@@ -67,6 +69,11 @@ class EngineSettings:
             extra_args=tuple(shlex.split(env.get("ENGINE_EXTRA_ARGS", ""))),
             log_dir=Path(env.get("LOG_DIR") or "logs"),
         )
+
+
+def is_true(value: str) -> bool:
+    """Read a boolean setting: 1, true or yes (any case) is true, anything else false."""
+    return value.strip().lower() in ("1", "true", "yes")
 
 
 def parse_device(device: str) -> tuple[str, str | None]:

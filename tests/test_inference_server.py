@@ -93,6 +93,17 @@ def test_cpu_profile_settings():
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"
 
 
+def test_cpu_profile_in_a_single_process():
+    argv, env = command_for({"CPU_ENGINE_SINGLE_PROCESS": "true"})
+    assert argv == command_for({})[0]
+    assert env == {"PATH": "/bin", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+def test_the_single_process_setting_is_for_the_cpu_profile_only():
+    _, env = command_for({"MODEL_DEVICE": "cuda", "CPU_ENGINE_SINGLE_PROCESS": "true"})
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env
+
+
 @pytest.mark.parametrize(
     ("device", "expected"), [("cpu", ("cpu", None)), ("CUDA", ("gpu", "0")), ("cuda:3", ("gpu", "3"))]
 )
