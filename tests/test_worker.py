@@ -15,7 +15,7 @@ from tests.conftest import KEY, SERVED_MODEL, free_port, run_worker, wait_until
 from tests.stand_in_engine import CONTEXT_ERROR, StandInEngine
 from web import create_app
 from worker import jobs
-from worker.engine import EngineClient
+from worker.engine import EngineClient, build_request
 from worker.exceptions import EngineUnavailable
 from worker.runner import TakenLineLater, _taken, release_taken_line
 
@@ -278,6 +278,13 @@ def test_ignore_eos_is_forwarded_for_fixed_length_output(client, redis_conn, wor
     assert body["result"] == " tok" * 5
     assert body["metrics"]["completion_tokens"] == 5
     assert stand_in.requests[-1]["ignore_eos"] is True
+
+
+def test_a_stream_interval_is_asked_of_the_engine_only_when_over_one():
+    payload = {"prompt": "hi", "max_tokens": 3, "temperature": 0, "top_p": 1}
+    assert "stream_interval" not in build_request(payload, SERVED_MODEL)[1]
+    assert "stream_interval" not in build_request(payload, SERVED_MODEL, 1)[1]
+    assert build_request(payload, SERVED_MODEL, 8)[1]["stream_interval"] == 8
 
 
 def test_engine_client_keeps_one_connection_and_replaces_one_the_engine_closed():

@@ -77,6 +77,7 @@ def engine_client() -> EngineClient:
             settings.served_model_name,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.task_time_limit,
+            stream_interval=settings.engine_stream_interval,
         )
     return client
 

@@ -26,6 +26,8 @@ DEFAULT_PRIORITY_AGING = 60
 """Seconds after which the oldest job of a lower priority class is served before newer higher ones; 0: never."""
 DEFAULT_STREAM_FLUSH_INTERVAL = 0.25
 """Seconds between `token` events of a running job: the engine's text is published in batches this often."""
+DEFAULT_ENGINE_STREAM_INTERVAL = 1
+"""Tokens per stream event a worker asks the engine for (vLLM's `stream_interval`); 1: every token."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class WorkerSettings:
     queue_ttl: int  # seconds
     priority_aging: float  # seconds
     stream_flush_interval: float  # seconds
+    engine_stream_interval: int  # tokens
     result_ttl: int  # seconds
     log_prompts: bool
     log_dir: str
@@ -71,6 +74,7 @@ class WorkerSettings:
             queue_ttl=int(env.get("QUEUE_TTL", contract.DEFAULT_QUEUE_TTL)),
             priority_aging=float(env.get("PRIORITY_AGING", DEFAULT_PRIORITY_AGING)),
             stream_flush_interval=float(env.get("STREAM_FLUSH_INTERVAL", DEFAULT_STREAM_FLUSH_INTERVAL)),
+            engine_stream_interval=int(env.get("ENGINE_STREAM_INTERVAL", DEFAULT_ENGINE_STREAM_INTERVAL)),
             result_ttl=int(env.get("RESULT_TTL", contract.DEFAULT_RESULT_TTL)),
             log_prompts=contract.flag(env.get("LOG_PROMPTS")),
             log_dir=env.get("LOG_DIR") or contract.DEFAULT_LOG_DIR,

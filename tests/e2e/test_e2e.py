@@ -13,8 +13,9 @@ import pytest
 from redis import Redis
 from rq.job import Job
 
-from tests.e2e.conftest import E2E_WORKERS, Service
+from tests.e2e.conftest import E2E_MODEL, E2E_WORKERS, Service
 from worker import contract
+from worker.engine import EngineClient
 
 pytestmark = pytest.mark.e2e
 QUESTION = "What is the capital of France?"
@@ -165,3 +166,19 @@ def test_cancel_closes_the_real_engine_stream_and_keeps_the_partial_text(service
     assert httpx.delete(f"{service.url}/jobs/{task_id}", headers=service.headers, timeout=10).status_code == 409
     connection = Redis.from_url(service.redis_url)
     assert Job.fetch(task_id, connection=connection).get_status() == "canceled"  # rq-dashboard lists it so
+
+
+def test_the_real_engine_sends_one_event_per_stream_interval_and_the_same_text(vllm_engine):
+    request = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "top_p": 1, "ignore_eos": True}
+    answers = {}
+    for interval in (1, 8):
+        client = EngineClient(vllm_engine, E2E_MODEL, connect_timeout=5, read_timeout=60, stream_interval=interval)
+        pieces: list[str] = []
+        answers[interval] = (client.generate(request, pieces.append), pieces)
+        client.close()
+    (every_token, one_each), (batched, eights) = answers[1], answers[8]
+    assert batched.text == every_token.text and "".join(eights) == batched.text
+    assert batched.completion_tokens == every_token.completion_tokens == 24
+    assert len(one_each) == 24
+    assert len(eights) == 4  # the first token alone, then 8, 8 and the last 7
+    assert 0 < batched.time_to_first_token
