@@ -72,8 +72,8 @@ class EngineSettings:
 
 
 def is_true(value: str) -> bool:
-    """Read a boolean setting: 1, true or yes (any case) is true, anything else false."""
-    return value.strip().lower() in ("1", "true", "yes")
+    """Read a boolean setting as the workers and the web do: 1, true, yes or on (any case) is true."""
+    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def parse_device(device: str) -> tuple[str, str | None]:

@@ -93,10 +93,12 @@ def test_cpu_profile_settings():
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"
 
 
-def test_cpu_profile_in_a_single_process():
-    argv, env = command_for({"CPU_ENGINE_SINGLE_PROCESS": "true"})
+@pytest.mark.parametrize("value", ["true", "1", "On"])
+def test_cpu_profile_in_a_single_process(value):
+    argv, env = command_for({"CPU_ENGINE_SINGLE_PROCESS": value})
     assert argv == command_for({})[0]
     assert env == {"PATH": "/bin", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in command_for({"CPU_ENGINE_SINGLE_PROCESS": "false"})[1]
 
 
 def test_the_single_process_setting_is_for_the_cpu_profile_only():
