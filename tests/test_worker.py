@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import threading
 import time
 import uuid
@@ -17,6 +18,7 @@ from web import create_app
 from worker import jobs
 from worker.engine import EngineClient, build_request
 from worker.exceptions import EngineUnavailable
+from worker.pool import ShutdownSignals
 from worker.runner import TakenLineLater, _taken, release_taken_line
 
 AUTH = {"X-API-Key": KEY}
@@ -117,6 +119,34 @@ def test_a_held_line_for_a_job_taken_is_written_when_the_next_one_is_held():
         _taken.holding = False
     release_taken_line()
     assert written == ["Worker w1: llm-normal: first", "Worker w1: llm-normal: second"]
+
+
+def test_a_stop_signal_that_comes_while_the_last_is_handled_is_taken_as_its_repeat():
+    """The group's SIGTERM and the pool's forwarded SIGINT can land while the handler is writing its log line."""
+
+    class Stoppable:
+        stops = 0
+
+        def stop_after_job(self) -> None:
+            self.stops += 1
+
+    workers = [Stoppable(), Stoppable()]
+    handler = ShutdownSignals(workers, running=[])
+    lines: list[str] = []
+
+    def sink(message) -> None:
+        lines.append(message.record["message"])
+        if len(lines) == 1:
+            handler(signal.SIGINT, None)  # the second signal, in the middle of the first one's log line
+
+    sink_id = logger.add(sink, filter=lambda record: "shutdown" in record["message"], catch=False)
+    try:
+        handler(signal.SIGTERM, None)
+    finally:
+        logger.remove(sink_id)
+    assert [worker.stops for worker in workers] == [1, 1]
+    assert len(lines) == 1 and "warm shutdown, 2 workers finish their jobs" in lines[0]
+    assert handler.requested_at is not None
 
 
 def test_messages_use_chat_completions(client, redis_conn, worker_env, stand_in):

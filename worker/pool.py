@@ -57,6 +57,51 @@ class ThreadedWorkerPool(WorkerPool):
         )
 
 
+class ShutdownSignals:
+    """A worker process's SIGINT/SIGTERM handler: warm shutdown first, cold on a signal a second or more later.
+
+    A signal that arrives while the handler runs for another is a repeat of it and is passed over: the
+    process gets the stop signal both from whoever stops the process group (honcho, a terminal) and from
+    RQ's pool, which forwards the one it got, and the handler must not run inside itself (loguru's
+    handlers are not re-entrant: the second's log lines would be lost with an error).
+    """
+
+    def __init__(self, workers: list[EngineWorker], running: list[threading.Thread]):
+        self.workers = workers
+        self.running = running
+        self.requested_at: float | None = None  # time.monotonic() of the warm shutdown
+        self._handling = False
+
+    def warm_stop(self) -> None:
+        self.requested_at = time.monotonic()
+        for worker in self.workers:
+            worker.stop_after_job()
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self._handling:
+            return
+        self._handling = True
+        try:
+            self._handle()
+        finally:
+            self._handling = False
+
+    def _handle(self) -> None:
+        if self.requested_at is None:
+            count = len(self.workers)
+            logger.info("worker process {}: warm shutdown, {} workers finish their jobs", os.getpid(), count)
+            self.warm_stop()
+        elif time.monotonic() - self.requested_at >= DUPLICATE_SIGNAL_WINDOW:
+            busy = sum(worker.get_state() == WorkerStatus.BUSY for worker in self.workers)
+            logger.warning("worker process {}: cold shutdown, {} running jobs go back to the queue", os.getpid(), busy)
+            for worker in self.workers:
+                worker.shut_down_now()
+            until = time.monotonic() + COLD_SHUTDOWN_WAIT
+            for thread in self.running:
+                thread.join(max(until - time.monotonic(), 0))
+            os._exit(1)
+
+
 def run_workers(
     name: str,
     threads: int,
@@ -81,28 +126,6 @@ def run_workers(
                 job_class=job_class,
             )
         )  # fmt: skip
-    stop_requested_at: float | None = None
-
-    def warm_stop() -> None:
-        nonlocal stop_requested_at
-        stop_requested_at = time.monotonic()
-        for worker in workers:
-            worker.stop_after_job()
-
-    def stop(signum: int, frame: Any) -> None:
-        if stop_requested_at is None:
-            logger.info("worker process {}: warm shutdown, {} workers finish their jobs", os.getpid(), threads)
-            warm_stop()
-        elif time.monotonic() - stop_requested_at >= DUPLICATE_SIGNAL_WINDOW:
-            busy = sum(worker.get_state() == WorkerStatus.BUSY for worker in workers)
-            logger.warning("worker process {}: cold shutdown, {} running jobs go back to the queue", os.getpid(), busy)
-            for worker in workers:
-                worker.shut_down_now()
-            until = time.monotonic() + COLD_SHUTDOWN_WAIT
-            for thread in running:
-                thread.join(max(until - time.monotonic(), 0))
-            os._exit(1)
-
     running = [
         threading.Thread(
             target=worker.work,
@@ -111,6 +134,7 @@ def run_workers(
         )
         for number, worker in enumerate(workers)
     ]
+    stop = ShutdownSignals(workers, running)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     logger.info("worker process {} runs {} workers: {}", os.getpid(), threads, ", ".join(w.name for w in workers))
@@ -119,8 +143,8 @@ def run_workers(
     while any(thread.is_alive() for thread in running):
         for thread in running:
             thread.join(1)  # timed, so the main thread also runs the signal handler when one arrives
-        if stop_requested_at is None and not all(thread.is_alive() for thread in running):
+        if stop.requested_at is None and not all(thread.is_alive() for thread in running):
             # RQ ends a worker on an error it cannot handle (Redis timing out, a bug): the process leaves
             # after the others' jobs, and the pool starts a full one in its place.
             logger.warning("worker process {}: a worker has stopped, so the others stop after their jobs", os.getpid())
-            warm_stop()
+            stop.warm_stop()
