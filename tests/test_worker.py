@@ -464,6 +464,52 @@ def test_the_take_passes_over_a_deleted_job_and_reads_a_cancel_asked_before_it(c
     assert queue.count == 0
 
 
+def test_a_worker_woken_for_one_of_two_jobs_leaves_the_other_its_wake_entry(client, redis_conn, worker_env):
+    """One idle worker, then a batch of two: the worker's wait took one wake entry, so its take must not pop the
+    other job's, which wakes the next idle worker (without it, that job waits for a worker's wait to end)."""
+    from rq import Queue
+
+    from worker import contract
+    from worker.runner import EngineQueue
+
+    queues = [Queue(name, connection=redis_conn) for name in contract.QUEUES]
+    taken = []
+    waiting = threading.Thread(target=lambda: taken.append(EngineQueue.dequeue_any(queues, 5, connection=redis_conn)))
+    waiting.start()
+    wait_until(lambda: any(c["cmd"] == "blpop" for c in redis_conn.client_list()), 5, "the worker to wait for a job")
+    batch = {"requests": [{"prompt": "first", "max_tokens": 4}, {"prompt": "second", "max_tokens": 4}]}
+    response = client.post("/generate/batch", json=batch, headers=AUTH)
+    assert response.status_code == 202, response.get_json()
+    waiting.join(5)
+    first, second = response.get_json()["task_ids"]
+    assert taken[0][0].id == first
+    assert Queue(contract.QUEUE_NORMAL, connection=redis_conn).job_ids == [second]
+    assert redis_conn.llen(contract.WAKE_KEY) == 1
+
+
+def test_a_job_let_in_by_the_fair_share_gets_a_wake_entry_of_its_own(client, redis_conn, worker_env):
+    """A key's job held back by FAIR_SHARE_SLOTS enters the queue when a slot frees: an idle worker must be woken."""
+    from rq import Queue
+
+    from worker import contract
+    from worker.runner import EngineWorker
+
+    client.application.config["FAIR_SHARE_SLOTS"] = 1
+    running, held = submit(client, prompt="holds the slot"), submit(client, prompt="held back")
+    normal = Queue(contract.QUEUE_NORMAL, connection=redis_conn)
+    assert normal.job_ids == [running]
+    redis_conn.delete(contract.WAKE_KEY)  # the submits' entries, used up by the workers of a live pool
+    queues = [Queue(name, connection=redis_conn) for name in contract.QUEUES]
+    EngineWorker(queues, connection=redis_conn).work(burst=True, max_jobs=1)  # its end lets the held job in
+    assert normal.job_ids == [held]
+    assert redis_conn.llen(contract.WAKE_KEY) == 1
+    run_worker(redis_conn)
+    assert [client.get(f"/status/{task_id}", headers=AUTH).get_json()["status"] for task_id in (running, held)] == [
+        "completed",
+        "completed",
+    ]
+
+
 def test_a_job_whose_worker_died_before_starting_it_is_run_by_another(client, redis_conn, worker_env, stand_in):
     prompt = f"taken then dropped {uuid.uuid4()}"
     task_id = submit(client, prompt=prompt)

@@ -129,8 +129,7 @@ def submit(requests: list[dict[str, Any]], owner: str, task_ids: list[str] | Non
             queue = Queue(name, connection=connection)
             _enqueue(pipe, queue, dict(request), owner, task_id, ahead=sum(lengths[: own + 1]))
             lengths[own] += 1
-        pipe.lpush(contract.WAKE_KEY, *[1] * len(requests))  # wakes as many idle workers (worker/runner.py)
-        pipe.ltrim(contract.WAKE_KEY, 0, contract.WAKE_MAX - 1)
+        contract.wake_workers(pipe, len(requests))
         if admission_loaded:
             # redis-py would ask again (SCRIPT EXISTS) before sending the transaction: one round trip more.
             pipe.scripts = {script for script in pipe.scripts if script.sha != ADMISSION_SHA}

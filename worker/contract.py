@@ -110,8 +110,19 @@ def finished_key(task_id: str) -> str:
 
 
 WAKE_KEY = f"{KEY_PREFIX}wake"
-"""A list with one entry per submitted job, at most WAKE_MAX: idle workers block on it, then take a job."""
+"""A list with one entry per job put in a queue, at most WAKE_MAX: idle workers block on it, then take a job.
+
+Each job taken uses up one entry: the one that woke its worker, or, for a worker that took it on its way back
+from a job, one the take pops (worker/runner.py)."""
 WAKE_MAX = 10_000
+
+
+def wake_workers(pipe: Any, count: int) -> None:
+    """Queue on `pipe` (a Redis pipeline) the wake entries for `count` jobs just put in a queue."""
+    pipe.lpush(WAKE_KEY, *[1] * count)
+    pipe.ltrim(WAKE_KEY, 0, WAKE_MAX - 1)
+
+
 ENGINE_DOWN_KEY = f"{KEY_PREFIX}engine-down"
 """Set when a job could not reach the engine; workers then wait for its health check before taking jobs."""
 RECENT_PROCESSING_KEY = f"{KEY_PREFIX}recent-processing"

@@ -78,7 +78,9 @@ TAKE_SCRIPT = """
 for i = 2, #KEYS, 2 do
     local job_id = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
     if job_id then
-        redis.call('LPOP', KEYS[1])
+        if ARGV[3] == '1' then
+            redis.call('LPOP', KEYS[1])
+        end
         local job = redis.call('HGETALL', ARGV[1] .. job_id)
         return {KEYS[i], job_id, job, redis.call('EXISTS', ARGV[2] .. job_id)}
     end
@@ -88,8 +90,11 @@ return false
 """Move the first job of the first non-empty queue to its intermediate list, use up one wake entry, and read the job.
 
 KEYS: the wake list, then each queue in order followed by its intermediate list. ARGV: the prefixes of the job
-hashes and of the cancel keys. Returns [queue key, job id, the job's hash as a flat list, whether its owner
-cancelled it (0 or 1)]: what RQ's fetch after a take reads, and the cancel mark, without a round trip of their own.
+hashes and of the cancel keys, then '1' to pop a wake entry for the job taken, '0' when the worker's wait for
+one (`BLPOP`) has already taken it: popping another would leave a job in the queue that no idle worker is woken
+for, until one's wait ends (up to IDLE_WAIT).
+Returns [queue key, job id, the job's hash as a flat list, whether its owner cancelled it (0 or 1)]: what RQ's
+fetch after a take reads, and the cancel mark, without a round trip of their own.
 """
 
 
@@ -122,14 +127,15 @@ class EngineQueue(Queue):
         for queue in queues:
             keys += [queue.key, queue.intermediate_queue_key]
         job_class = backend_class(cls, "job_class", override=job_class)
-        prefixes = [job_class.redis_job_namespace_prefix, contract.cancel_key("")]
+        args = [job_class.redis_job_namespace_prefix, contract.cancel_key(""), 1]
         while True:
-            taken = cls._take(keys=keys, args=prefixes, client=connection)
+            taken = cls._take(keys=keys, args=args, client=connection)
             if taken is None:
                 if timeout is None:
                     return None
                 if connection.blpop([contract.WAKE_KEY], timeout) is None:
                     raise DequeueTimeout(timeout, keys[1::2])
+                args[2] = 0  # this worker has its wake entry
                 continue
             queue_key, job_id, fields, cancelled = taken
             if not fields:
@@ -385,7 +391,22 @@ class EngineWorker(SimpleWorker):
             self._ask_suspension(pipeline)  # for the loop's next `check_for_suspension`
             *_, suspended, engine_down = pipeline.execute()
         self._suspension_answer = (time.monotonic(), suspended, engine_down)
-        release_slot(job)
+        self._release_slot(job)
+
+    def _release_slot(self, job: Job) -> None:
+        """Release the job's fair-share slot as RQ does, and wake a worker for each job that let into a queue."""
+        promoted = release_slot(job)
+        if promoted:
+            with self.connection.pipeline(transaction=False) as pipe:
+                contract.wake_workers(pipe, len(promoted))
+                pipe.execute()
+
+    def _release_slot_safely(self, job: Job) -> None:
+        """RQ's release after a failure or a cancel, with `_release_slot`'s wake entries."""
+        try:
+            self._release_slot(job)
+        except Exception:
+            self.log.exception("Worker %s: failed to release rate limit slot of job %s", self.name, job.id)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         """Note the end time. RQ also renews the job's heartbeat here; the heartbeat thread does until it is filed."""
