@@ -24,6 +24,9 @@ def build_command(
         "--max-model-len", str(settings.max_model_len),
     ]  # fmt: skip
     env = dict(base_env)
+    # Each worker keeps one connection to the engine; vLLM closes one idle for 5 s by default, so at low load
+    # every job opened a new one, on a server whose process shares the cores with the model.
+    env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(settings.http_keepalive)
     if settings.profile == "cpu":
         argv += ["--dtype", "bfloat16"]
         env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kvcache_space)

@@ -16,6 +16,7 @@ DEFAULT_KVCACHE_SPACE = 1  # GiB of KV cache for the CPU engine (~46k tokens of 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.90  # fraction of the GPU's memory vLLM may take
 DEFAULT_MAX_NUM_SEQS = 64  # sequences vLLM batches at once on the GPU
 DEFAULT_START_TIMEOUT = 900  # seconds to wait for the engine's /health (GPU cold starts are slow)
+DEFAULT_HTTP_KEEPALIVE = 300  # seconds vLLM's HTTP server keeps an idle connection open (vLLM's default: 5)
 
 
 class SettingsError(ValueError):
@@ -31,6 +32,7 @@ class EngineSettings:
     host: str
     port: int
     max_model_len: int  # tokens
+    http_keepalive: int  # seconds the engine keeps a worker's idle connection open
     kvcache_space: int  # GiB, cpu profile
     single_process: bool  # cpu profile: the model computes in vLLM's engine process, on every core
     enforce_eager: bool
@@ -58,6 +60,7 @@ class EngineSettings:
             host=env.get("ENGINE_HOST", "127.0.0.1"),
             port=int(env.get("ENGINE_PORT", "8001")),
             max_model_len=int(env.get("MAX_MODEL_LEN") or DEFAULT_MAX_MODEL_LEN[profile]),
+            http_keepalive=int(env.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", DEFAULT_HTTP_KEEPALIVE)),
             kvcache_space=int(env.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_SPACE)),
             single_process=is_true(env.get("CPU_ENGINE_SINGLE_PROCESS") or "false"),
             enforce_eager=is_true(env.get("ENFORCE_EAGER") or str(profile == "cpu")),

@@ -39,7 +39,7 @@ def test_cpu_profile_command():
         "--dtype", "bfloat16",
         "--enforce-eager",
     ]  # fmt: skip
-    assert env == {"PATH": "/bin", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert env == {"PATH": "/bin", "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "300", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def test_gpu_profile_command_pins_the_gpu():
@@ -55,7 +55,7 @@ def test_gpu_profile_command_pins_the_gpu():
         "--gpu-memory-utilization", "0.9",
         "--max-num-seqs", "64",
     ]  # fmt: skip
-    assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "1"}
+    assert env == {"PATH": "/bin", "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "300", "CUDA_VISIBLE_DEVICES": "1"}
 
 
 def test_gpu_profile_settings_and_extra_args():
@@ -86,6 +86,14 @@ def test_gpu_profile_settings_and_extra_args():
     assert env["CUDA_VISIBLE_DEVICES"] == "0"
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_engine_keeps_idle_connections_as_set(device):
+    assert (
+        command_for({"MODEL_DEVICE": device, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "60"})[1]["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]
+        == "60"
+    )
+
+
 def test_cpu_profile_settings():
     argv, env = command_for({"VLLM_CPU_KVCACHE_SPACE": "4", "ENFORCE_EAGER": "false", "MAX_MODEL_LEN": "1024"})
     assert "--enforce-eager" not in argv
@@ -97,7 +105,12 @@ def test_cpu_profile_settings():
 def test_cpu_profile_in_a_single_process(value):
     argv, env = command_for({"CPU_ENGINE_SINGLE_PROCESS": value})
     assert argv == command_for({})[0]
-    assert env == {"PATH": "/bin", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert env == {
+        "PATH": "/bin",
+        "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "300",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    }
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in command_for({"CPU_ENGINE_SINGLE_PROCESS": "false"})[1]
 
 
