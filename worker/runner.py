@@ -394,7 +394,7 @@ class EngineWorker(SimpleWorker):
         self._release_slot(job)
 
     def _release_slot(self, job: Job) -> None:
-        """Release the job's fair-share slot as RQ does, and wake a worker for each job that let into a queue."""
+        """Release the job's fair-share slot as RQ does, and wake a worker for each job it let into a queue."""
         promoted = release_slot(job)
         if promoted:
             with self.connection.pipeline(transaction=False) as pipe:
