@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import os
 import platform
+import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -16,7 +18,7 @@ from pathlib import Path
 from redis import Redis
 
 from bench import load, micro, report
-from bench.stack import ROOT, Stack
+from bench.stack import ROOT, Stack, cpu_seconds, own_cpu_seconds
 
 LEVELS = (1, 8, 32, 64)
 STAND_IN_TOKEN_DELAY = 0.02  # seconds per token
@@ -55,6 +57,7 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     out: dict = {"max_tokens": max_tokens, "levels": {}}
     pool = stack.workers(redis_url, engine_url, max(LEVELS))
     api_url, web = stack.web(redis_url, engine_url)
+    processes = {"engine": stack.started[engine], "Redis": stack.started["redis"], "web": web, "workers": pool}
     via_api = functools.partial(load.through_api, api_url=api_url, max_tokens=max_tokens, wait=WAIT)
     run(load.closed_loop(lambda c, i: direct(c, index=i), counts[1], 1))  # warm the engine on the c=1 prompts
     # Warm the queue path too: every worker runs a few short jobs first (a fresh worker's first job costs
@@ -64,22 +67,27 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     first = 0
     for level in LEVELS:
         print(f"[{engine}] c={level}: {counts[level]} requests direct, then through the queue", flush=True)
+        cores: dict[str, dict[str, float]] = {}  # the closed loops' CPU use (c=1 alternates the ways instead)
         if level == 1:  # each prompt direct, through the queue, then direct again: seconds apart, not minutes
             (direct_samples, direct_wall, direct_errors), (api_samples, api_wall, api_errors), (again, _, _) = run(
                 _direct_queue_direct(direct, via_api, counts[1], first)
             )
         else:
-            direct_samples, direct_wall, direct_errors = run(
-                load.closed_loop(lambda c, i: direct(c, index=i), counts[level], level, first)
-            )
-            api_samples, api_wall, api_errors = run(
-                load.closed_loop(lambda c, i: via_api(c, index=i), counts[level], level, first)
-            )
+            with _cores_used(processes, cores, "direct"):
+                direct_samples, direct_wall, direct_errors = run(
+                    load.closed_loop(lambda c, i: direct(c, index=i), counts[level], level, first)
+                )
+            with _cores_used(processes, cores, "queue"):
+                api_samples, api_wall, api_errors = run(
+                    load.closed_loop(lambda c, i: via_api(c, index=i), counts[level], level, first)
+                )
         load.attach_server_latency(api_samples, Redis.from_url(redis_url))
         entry = {
             "direct": load.summarize(direct_samples, direct_wall, direct_errors),
             "queue": load.summarize(api_samples, api_wall, api_errors),
         }
+        if cores:
+            entry["cores"] = cores
         entry["queue_vs_direct_throughput"] = round(entry["queue"]["tokens_per_s"] / entry["direct"]["tokens_per_s"], 3)
         steady = [load.steady_tokens_per_s(samples) for samples in (direct_samples, api_samples)]
         if level > 1 and None not in steady:  # the closed loops (c=1 alternates the ways instead)
@@ -123,6 +131,20 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     stack.stop(pool)
     stack.stop(web)
     return out
+
+
+@contextlib.contextmanager
+def _cores_used(processes: dict[str, subprocess.Popen], into: dict, mode: str):
+    """Set `into[mode]` to the cores each process (with its children) and the load generator used while the
+    block ran: CPU seconds per second of it."""
+    before = {name: cpu_seconds(process.pid) for name, process in processes.items()}
+    before["load generator"] = own_cpu_seconds()
+    started = time.perf_counter()
+    yield
+    wall = time.perf_counter() - started
+    after = {name: cpu_seconds(process.pid) for name, process in processes.items()}
+    after["load generator"] = own_cpu_seconds()
+    into[mode] = {name: round((after[name] - before[name]) / wall, 3) for name in before}
 
 
 def _direct_queue_direct(direct, via_api, count: int, first: int):

@@ -113,6 +113,7 @@ def _engine_table(results: dict, engine: str) -> list[str]:
         f"| 8 | one at a time (1 worker) | {one['requests']} | {one['p50_s']} | {one['p90_s']} | {one['p99_s']} | "
         f"{one['ttft_p50_s']} | {one['requests_per_s']} | {one['tokens_per_s']} | | |"
     )
+    lines += _cores_table(levels)
     short = results[engine].get("short_c1")
     if short:
         added, repeat = short["added_latency"], short["engine_repeat"]
@@ -127,6 +128,26 @@ def _engine_table(results: dict, engine: str) -> list[str]:
                       f"pool parent {memory['worker_pool_parent_mb'][0]} MB, "
                       f"gunicorn workers {_span(memory['gunicorn_workers_mb'])} MB."]  # fmt: skip
     return lines + [""]
+
+
+def _cores_table(levels: dict[int, dict]) -> list[str]:
+    """CPU used by each part during the closed loops, in cores, where measured."""
+    measured = [(level, entry["cores"]) for level, entry in sorted(levels.items()) if "cores" in entry]
+    if not measured:
+        return []
+    parts = list(measured[0][1]["direct"])
+    lines = [
+        "",
+        "CPU used during each closed loop, in cores (CPU seconds per second; the workers and gunicorn are idle in "
+        "direct mode but running, and the machine has 2):",
+        "",
+        f"| c | mode | {' | '.join(parts)} |",
+        f"|---|---|{'---|' * len(parts)}",
+    ]
+    for level, cores in measured:
+        for mode in ("direct", "queue"):
+            lines.append(f"| {level} | {mode} | {' | '.join(str(cores[mode][part]) for part in parts)} |")
+    return lines
 
 
 def _span(values: list[float]) -> str:

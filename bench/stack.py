@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 API_KEY = "bench-key"
 MODEL = "bench-model"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of CPU times in /proc/<pid>/stat
 
 
 def free_port() -> int:
@@ -48,6 +50,7 @@ class Stack:
 
     workdir: Path
     processes: list[subprocess.Popen] = field(default_factory=list)
+    started: dict[str, subprocess.Popen] = field(default_factory=dict)  # the last process started under each name
 
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
         log = self.workdir / f"{name}.log"
@@ -57,6 +60,7 @@ class Stack:
                 start_new_session=True,
             )  # fmt: skip
         self.processes.append(process)
+        self.started[name] = process
         return process, log
 
     def redis(self) -> str:
@@ -74,7 +78,7 @@ class Stack:
         """The real vLLM CPU engine, started by `python -m inference_server`."""
         port = free_port()
         env = {"ENGINE_PORT": str(port), "SERVED_MODEL_NAME": MODEL, "LOG_DIR": str(self.workdir / "logs")}
-        process, log = self._start("vllm", [sys.executable, "-m", "inference_server"], env)
+        process, log = self._start("vllm-cpu", [sys.executable, "-m", "inference_server"], env)
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: httpx.get(url + "/health").status_code == 200, 900, "vLLM engine", process, log)
         return url
@@ -150,3 +154,27 @@ def rss_mb(pid: int) -> float:
 def children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) a process, its threads and its living descendants have used so far, in seconds;
+    0 for a process that has ended."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()  # from the state on: the name may hold spaces
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # ended while being read
+    return total
+
+
+def own_cpu_seconds() -> float:
+    """CPU time this process (the load generator) has used so far, in seconds."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
