@@ -138,8 +138,8 @@ def _cores_table(levels: dict[int, dict]) -> list[str]:
     parts = list(measured[0][1]["direct"])
     lines = [
         "",
-        "CPU used during each closed loop, in cores (CPU seconds per second; the workers and gunicorn are idle in "
-        "direct mode but running, and the machine has 2):",
+        "CPU used during each closed loop, in cores (CPU seconds per second, from /proc; in direct mode the workers "
+        "and gunicorn are running but idle):",
         "",
         f"| c | mode | {' | '.join(parts)} |",
         f"|---|---|{'---|' * len(parts)}",

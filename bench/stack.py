@@ -157,8 +157,8 @@ def children(pid: int) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user and system) a process, its threads and its living descendants have used so far, in seconds;
-    0 for a process that has ended."""
+    """CPU time (user and system) a process, its threads and its descendants have used so far, in seconds: those
+    alive, and those that ended and were waited for; 0 for a process that has ended."""
     total = 0.0
     pending = [pid]
     while pending:
@@ -166,7 +166,7 @@ def cpu_seconds(pid: int) -> float:
         try:
             stat = Path(f"/proc/{current}/stat").read_text()
             fields = stat[stat.rindex(")") + 2 :].split()  # from the state on: the name may hold spaces
-            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+            total += sum(int(value) for value in fields[11:15]) / CLOCK_TICKS  # utime, stime, cutime, cstime
             for task in Path(f"/proc/{current}/task").iterdir():
                 pending += [int(child) for child in (task / "children").read_text().split()]
         except (FileNotFoundError, ProcessLookupError):
