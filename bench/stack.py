@@ -158,7 +158,7 @@ def children(pid: int) -> list[int]:
 
 def cpu_seconds(pid: int) -> float:
     """CPU time (user and system) a process, its threads and its descendants have used so far, in seconds: those
-    alive, and those that ended and were waited for; 0 for a process that has ended."""
+    alive, and those that ended and were waited for; 0 once the process is gone."""
     total = 0.0
     pending = [pid]
     while pending:
