@@ -137,13 +137,16 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
 def _cores_used(processes: dict[str, subprocess.Popen], into: dict, mode: str):
     """Set `into[mode]` to the cores each process (with its children) and the load generator used while the
     block ran: CPU seconds per second of it."""
-    before = {name: cpu_seconds(process.pid) for name, process in processes.items()}
-    before["load generator"] = own_cpu_seconds()
-    started = time.perf_counter()
+
+    def used() -> dict[str, float]:
+        seconds = {name: cpu_seconds(process.pid) for name, process in processes.items()}
+        seconds["load generator"] = own_cpu_seconds()
+        return seconds
+
+    before, started = used(), time.perf_counter()
     yield
     wall = time.perf_counter() - started
-    after = {name: cpu_seconds(process.pid) for name, process in processes.items()}
-    after["load generator"] = own_cpu_seconds()
+    after = used()
     into[mode] = {name: round((after[name] - before[name]) / wall, 3) for name in before}
 
 

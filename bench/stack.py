@@ -152,8 +152,15 @@ def rss_mb(pid: int) -> float:
 
 
 def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(child) for child in path.read_text().split()] if path.exists() else []
+    """The processes that any thread of a process started and that have not been waited for; none once it is gone."""
+    try:
+        return [
+            int(child)
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in task.joinpath("children").read_text().split()
+        ]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
 
 
 def cpu_seconds(pid: int) -> float:
@@ -166,11 +173,10 @@ def cpu_seconds(pid: int) -> float:
         try:
             stat = Path(f"/proc/{current}/stat").read_text()
             fields = stat[stat.rindex(")") + 2 :].split()  # from the state on: the name may hold spaces
-            total += sum(int(value) for value in fields[11:15]) / CLOCK_TICKS  # utime, stime, cutime, cstime
-            for task in Path(f"/proc/{current}/task").iterdir():
-                pending += [int(child) for child in (task / "children").read_text().split()]
         except (FileNotFoundError, ProcessLookupError):
-            continue  # ended while being read
+            continue  # ended
+        total += sum(int(value) for value in fields[11:15]) / CLOCK_TICKS  # utime, stime, cutime, cstime
+        pending += children(current)
     return total
 
 
