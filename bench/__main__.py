@@ -54,7 +54,7 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     max_tokens, counts = PLAN[engine]
     counts = {level: count * scale for level, count in counts.items()}
     direct = functools.partial(load.direct, engine_url=engine_url, max_tokens=max_tokens)
-    out: dict = {"max_tokens": max_tokens, "levels": {}}
+    out: dict = {"max_tokens": max_tokens, "service_cpus": stack.bound_cpus(), "levels": {}}
     pool = stack.workers(redis_url, engine_url, max(LEVELS))
     api_url, web = stack.web(redis_url, engine_url)
     processes = {"engine": stack.started[engine], "Redis": stack.started["redis"], "web": web, "workers": pool}
@@ -227,7 +227,11 @@ def main() -> None:
             empty()
             results["many_jobs"] = many_jobs(stack, redis_url, stand_in)
             if not args.skip_vllm:
-                empty()
+                # As `make run` places them: every process but the model on the last CPU (SERVICE_CPUS=auto),
+                # Redis too, so a new one.
+                stack.stop(stack.started["redis"])
+                stack.service_cpus = "auto"
+                redis_url = stack.redis()
                 results["vllm-cpu"] = engine_suite(stack, redis_url, stack.vllm(), "vllm-cpu", scale)
         finally:
             stack.close()

@@ -180,6 +180,18 @@ def plot(results: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def _placement(results: dict) -> list[str]:
+    """Where the service's processes ran, for each engine."""
+    cpus = results.get("vllm-cpu", {}).get("service_cpus")
+    if not cpus:
+        return []
+    return [
+        "With vLLM's CPU engine every process but its model (vLLM's API server and engine process, Redis, gunicorn,",
+        f"the workers) ran on CPU {cpus} and the model on the other, as `make run` places them (`SERVICE_CPUS=auto`);",
+        "with the stand-in, whose CPU is not a model's, nothing was bound, as on a GPU host (`SERVICE_CPUS=none`).",
+    ]
+
+
 def write(results: dict, docs: Path) -> None:
     """Write BENCHMARKS.md (generated part, then the hand-kept tuning log) and the plot."""
     plot(results, docs / "bench" / "throughput.png")
@@ -191,6 +203,7 @@ def write(results: dict, docs: Path) -> None:
         f"({results['machine']}; {results['duration_s']} s). Raw figures: [bench/results.json](bench/results.json).",
         "Everything ran on the same 2 cores: engine, Redis, workers, gunicorn and the load generator (aiohttp"
         " clients). Each part starts from an empty Redis.",
+        *_placement(results),
         "",
         "Modes: **direct** streams from the engine's OpenAI API; **queue** submits to `POST /generate`, then",
         f"long-polls `/result?wait={results['result_wait_s']}` (latency and throughput as the client saw them; the",

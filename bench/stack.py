@@ -16,6 +16,8 @@ import httpx
 from redis import Redis
 from rq import Worker
 
+from worker import contract
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 API_KEY = "bench-key"
@@ -49,6 +51,9 @@ class Stack:
     """Processes of one benchmark run; `close` stops them all."""
 
     workdir: Path
+    service_cpus: str = "none"
+    """SERVICE_CPUS for the processes started from now on: `auto` as `make run` on the CPU engine; `none` (no
+    binding) where the engine is the stand-in, whose CPU is not the model's, as on a GPU host."""
     processes: list[subprocess.Popen] = field(default_factory=list)
     started: dict[str, subprocess.Popen] = field(default_factory=dict)  # the last process started under each name
 
@@ -63,12 +68,18 @@ class Stack:
         self.started[name] = process
         return process, log
 
+    def bound_cpus(self) -> str:
+        """The CPUs `service_cpus` binds the service to here, as taskset writes them; empty for none."""
+        return contract.cpu_list(contract.service_cpus({**os.environ, "SERVICE_CPUS": self.service_cpus}) or ())
+
     def redis(self) -> str:
-        """Redis with the Procfile's durability settings (AOF, fsync every second)."""
+        """Redis with the Procfile's durability settings (AOF, fsync every second) and CPUs."""
         port = free_port()
-        folder = self.workdir / "redis"
+        folder = self.workdir / f"redis-{port}"
         folder.mkdir(exist_ok=True)
-        argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder),
+        cpus = self.bound_cpus()
+        bound = ["taskset", "-c", cpus] if cpus else []
+        argv = [*bound, "redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder),
                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]  # fmt: skip
         process, log = self._start("redis", argv)
         wait_until(lambda: Redis(port=port).ping(), 20, "redis", process, log)
@@ -77,7 +88,8 @@ class Stack:
     def vllm(self) -> str:
         """The real vLLM CPU engine, started by `python -m inference_server`."""
         port = free_port()
-        env = {"ENGINE_PORT": str(port), "SERVED_MODEL_NAME": MODEL, "LOG_DIR": str(self.workdir / "logs")}
+        env = {"ENGINE_PORT": str(port), "SERVED_MODEL_NAME": MODEL, "LOG_DIR": str(self.workdir / "logs"),
+               "SERVICE_CPUS": self.service_cpus}  # fmt: skip
         process, log = self._start("vllm-cpu", [sys.executable, "-m", "inference_server"], env)
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: httpx.get(url + "/health").status_code == 200, 900, "vLLM engine", process, log)
@@ -120,6 +132,7 @@ class Stack:
             "SERVED_MODEL_NAME": MODEL,
             "API_KEYS": API_KEY,
             "LOG_DIR": str(self.workdir / "logs"),
+            "SERVICE_CPUS": self.service_cpus,
             # Both limits stay on, so their cost is measured, set high enough not to refuse the load.
             "RATE_LIMIT_PER_MINUTE": "100000000",
             "MAX_QUEUED_JOBS": "100000000",

@@ -45,6 +45,21 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
+def cpus_of_tree(pid: int) -> list[tuple[str, set[str]]]:
+    """For a process and every process under it: its command name and the CPU lists its threads may run on."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tasks = sorted(Path(f"/proc/{current}/task").iterdir())
+        lists = set()
+        for task in tasks:
+            status = (task / "status").read_text()
+            lists.add(status.split("Cpus_allowed_list:")[1].split()[0])
+            pending += [int(child) for child in (task / "children").read_text().split()]
+        found.append((Path(f"/proc/{current}/comm").read_text().strip(), lists))
+    return found
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> Iterator[str]:
     """Start a real redis-server on a free port; yield its base URL (no database number)."""

@@ -37,6 +37,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if test_config:
         app.config.update(test_config)
     if not app.config.get("TESTING"):
+        contract.bind_to_service_cpus()  # with gunicorn's --preload, in the master: its workers inherit it
         contract.configure_logging(app.config["LOG_DIR"], app.config["LOG_LEVEL"])
 
     app.extensions["redis"] = Redis.from_url(

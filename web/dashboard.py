@@ -60,6 +60,11 @@ def main() -> None:
     if reason:
         print(reason, file=sys.stderr)
         sys.exit(2)
+    try:
+        contract.bind_to_service_cpus()  # gunicorn, started in its place, keeps it
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
     bind = f"{os.environ.get('RQ_DASHBOARD_HOST', '127.0.0.1')}:{os.environ.get('RQ_DASHBOARD_PORT', '9181')}"
     gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
     os.execv(gunicorn, [gunicorn, "--workers", "1", "--bind", bind, "web.dashboard:create_dashboard()"])

@@ -23,20 +23,25 @@ from worker.settings import WorkerSettings
 def main() -> None:
     """Start the worker pool and block until SIGTERM/SIGINT."""
     settings = WorkerSettings.from_env()
-    contract.configure_logging(settings.log_dir, settings.log_level)
     if settings.concurrency < 1 or settings.threads < 1:
         raise SystemExit(
             f"WORKER_CONCURRENCY ({settings.concurrency}) and WORKER_THREADS ({settings.threads}) must be 1 or more"
         )
+    try:
+        cpus = contract.bind_to_service_cpus()  # before any thread starts; the pool's processes inherit it
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    contract.configure_logging(settings.log_dir, settings.log_level)
     processes = math.ceil(settings.concurrency / settings.threads)
     threads = math.ceil(settings.concurrency / processes)
     logger.info(
-        "starting {} workers ({} processes of {} threads) on queues {} for engine {}",
+        "starting {} workers ({} processes of {} threads) on queues {} for engine {}, on CPUs {}",
         processes * threads,
         processes,
         threads,
         ",".join(contract.QUEUES),
         settings.engine_url,
+        contract.cpu_list(cpus) if cpus else "any (SERVICE_CPUS)",
     )
     pool = ThreadedWorkerPool(
         contract.QUEUES,

@@ -1,16 +1,18 @@
-"""The job contract shared by web and worker: queues, task path, payload and meta keys, statuses.
+"""The job contract shared by web and worker: queues, task path, payload and meta keys, statuses; and what every
+process shares: logging and the CPUs it runs on (SERVICE_CPUS).
 
-A leaf module: it imports nothing from the project, so the web app can import it without
-pulling in the worker's engine client. Web enqueues `TASK_PATH` by its dotted name.
+A leaf module: it imports nothing from the project, so the web app (and the engine's supervisor) can import it
+without pulling in the worker's engine client. Web enqueues `TASK_PATH` by its dotted name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -202,6 +204,82 @@ def redis_url(env: Mapping[str, str] = os.environ) -> str:
         host = env.get("REDIS_HOST", "127.0.0.1")
         return f"redis://{host}:{env.get('REDIS_PORT', '6379')}/{env.get('REDIS_DB', '0')}"
     return DEFAULT_REDIS_URL
+
+
+def service_cpus(env: Mapping[str, str] = os.environ) -> set[int] | None:
+    """The CPUs that SERVICE_CPUS keeps every process but the CPU engine's model on; None: no binding.
+
+    `auto` (the default): with the CPU engine running its model in a process of its own (MODEL_DEVICE=cpu,
+    CPU_ENGINE_SINGLE_PROCESS off) on two CPUs or more, the last CPU this process may use, and the model's
+    threads get the others; otherwise no binding. `none` or empty: no binding. Anything else is a list of
+    CPUs as taskset takes it: `1`, `2-3,6`.
+
+    Raises:
+        ValueError: for a list that is not one, or that names a CPU this process may not use.
+    """
+    value = env.get("SERVICE_CPUS", "auto").strip().lower()
+    allowed = os.sched_getaffinity(0)
+    if value in ("", "none"):
+        return None
+    if value == "auto":
+        cpu_engine = env.get("MODEL_DEVICE", "cpu").strip().lower() == "cpu"
+        own_process = not flag(env.get("CPU_ENGINE_SINGLE_PROCESS"))
+        return {max(allowed)} if cpu_engine and own_process and len(allowed) > 1 else None
+    try:
+        cpus = parse_cpu_list(value)
+    except ValueError as exc:
+        raise ValueError(f"SERVICE_CPUS: {exc}") from None
+    if not cpus <= allowed:
+        raise ValueError(f"SERVICE_CPUS={value} names CPUs this process may not use (it may use {cpu_list(allowed)})")
+    return cpus
+
+
+def parse_cpu_list(value: str) -> set[int]:
+    """Read a list of CPUs as taskset takes it (`1`, `2-3,6`).
+
+    Raises:
+        ValueError: for anything else.
+    """
+    cpus: set[int] = set()
+    for part in value.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or not (last or first).isdigit() or int(first) > int(last or first):
+            raise ValueError(f"{value!r} is not a list of CPUs such as 1 or 2-3,6")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def cpu_list(cpus: Collection[int]) -> str:
+    """Write a set of CPUs as taskset and vLLM read them: `0-2,5`."""
+    ranges: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if ranges and cpu == ranges[-1][1] + 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+def bind_to_service_cpus(env: Mapping[str, str] = os.environ) -> set[int] | None:
+    """Keep this process, every thread of it and every process it starts on `service_cpus(env)`; return them.
+
+    On the CPU engine the model computes on one thread per core and vLLM's engine process waits for it by
+    spinning: the service's processes, woken hundreds of times a second, would otherwise preempt the model.
+
+    Raises:
+        ValueError: as `service_cpus`.
+    """
+    cpus = service_cpus(env)
+    if cpus is not None:
+        bind_to_cpus(cpus)
+    return cpus
+
+
+def bind_to_cpus(cpus: Collection[int]) -> None:
+    """Keep this process, every thread of it and every process it starts from now on, on `cpus`."""
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+            os.sched_setaffinity(int(task), cpus)
 
 
 def callback_url_problem(url: str, allowed_hosts: list[str], allow_private: bool) -> str | None:

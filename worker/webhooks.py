@@ -150,6 +150,10 @@ def deliver(task_id: str, url: str, body: dict[str, Any]) -> int:
 def main() -> None:
     """Work the webhook queue with WEBHOOK_WORKERS processes until SIGTERM/SIGINT."""
     settings = WebhookSettings.from_env()
+    try:
+        contract.bind_to_service_cpus()
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     log_level = os.environ.get("LOG_LEVEL", "INFO").upper()
     contract.configure_logging(os.environ.get("LOG_DIR") or contract.DEFAULT_LOG_DIR, log_level)
     if not settings.allowed_hosts:

@@ -32,6 +32,7 @@ class Service:
     redis_url: str
     log_dir: Path
     headers: dict[str, str]
+    pids: dict[str, int]  # the worker pool's and gunicorn's
 
 
 def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -73,8 +74,15 @@ def e2e_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def vllm_engine(e2e_dir) -> Iterator[str]:
-    """The real vLLM CPU engine serving SmolLM2-135M-Instruct, started once per session."""
+def vllm_engine(vllm_supervisor) -> str:
+    """The URL of the real vLLM CPU engine."""
+    return vllm_supervisor[1]
+
+
+@pytest.fixture(scope="session")
+def vllm_supervisor(e2e_dir) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`python -m inference_server` running the real vLLM CPU engine serving SmolLM2-135M-Instruct, started once
+    per session, and the engine's URL."""
     port = free_port()
     env = {
         **os.environ,
@@ -88,7 +96,7 @@ def vllm_engine(e2e_dir) -> Iterator[str]:
     process = start([sys.executable, "-m", "inference_server"], env, log)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(process, url + "/health", log, ENGINE_START_TIMEOUT, "vLLM engine")
-    yield url
+    yield process, url
     stop(process)
 
 
@@ -118,6 +126,7 @@ def service(vllm_engine, redis_server, e2e_dir) -> Iterator[Service]:
     wait_healthy(web, url + "/health", web_log, 60, "gunicorn web")
     if worker.poll() is not None:
         pytest.fail(f"worker pool exited:\n{tail(worker_log)}")
-    yield Service(url, vllm_engine, redis_url, e2e_dir / "logs", {"X-API-Key": KEY})
+    pids = {"worker": worker.pid, "web": web.pid}
+    yield Service(url, vllm_engine, redis_url, e2e_dir / "logs", {"X-API-Key": KEY}, pids)
     stop(web)
     stop(worker)

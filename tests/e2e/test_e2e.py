@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import pytest
 from redis import Redis
 from rq.job import Job
 
+from tests.conftest import cpus_of_tree
 from tests.e2e.conftest import E2E_MODEL, E2E_WORKERS, Service
 from worker import contract
 from worker.engine import EngineClient
@@ -111,6 +113,20 @@ def test_health_and_rq_info_show_the_running_service(service):
     out = subprocess.run([str(rq), "info", "--url", service.redis_url], capture_output=True, text=True, check=True)
     assert "llm-normal" in out.stdout
     assert f"{E2E_WORKERS} workers" in out.stdout
+
+
+def test_every_process_but_the_model_runs_on_the_last_cpu(service, vllm_supervisor):
+    """SERVICE_CPUS=auto, the default: vLLM's model computes on the other CPUs, undisturbed by the rest."""
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("one CPU: nothing to keep apart")
+    service_cpu, model_cpus = contract.cpu_list({max(allowed)}), contract.cpu_list(allowed - {max(allowed)})
+    engine = cpus_of_tree(vllm_supervisor[0].pid)
+    assert [cpus for name, cpus in engine if name == "VLLM::Worker"] == [{model_cpus}]
+    rest = engine + cpus_of_tree(service.pids["worker"]) + cpus_of_tree(service.pids["web"])
+    others = [(name, cpus) for name, cpus in rest if name != "VLLM::Worker"]
+    assert len(others) >= 7  # supervisor, API server, engine process; 2 worker processes and their parent; gunicorn
+    assert {name: cpus for name, cpus in others if cpus != {service_cpu}} == {}
 
 
 def read_events(response: httpx.Response):

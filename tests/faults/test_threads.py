@@ -13,7 +13,7 @@ import uuid
 import pytest
 from rq import Worker
 
-from tests.conftest import ROOT, wait_until
+from tests.conftest import ROOT, cpus_of_tree, wait_until
 from tests.faults.conftest import AUTH, MEASURED, status, stop, submit
 from worker import contract
 
@@ -105,3 +105,19 @@ def test_a_pool_without_workers_is_refused_with_a_message(fault_redis_url, tmp_p
     started = subprocess.run([sys.executable, "-m", "worker"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert started.returncode == 1
     assert "WORKER_THREADS (0) must be 1 or more" in started.stderr
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to keep apart")
+def test_the_pool_runs_on_the_service_cpus_as_set(start_pool):
+    first = min(os.sched_getaffinity(0))
+    pool = start_pool(SERVICE_CPUS=str(first))
+    tree = cpus_of_tree(pool.pid)
+    assert len(tree) >= 2  # the pool's parent and its process of workers
+    assert [cpus for _, cpus in tree] == [{str(first)}] * len(tree)
+
+
+def test_a_pool_with_service_cpus_it_cannot_use_is_refused_with_a_message(fault_redis_url, tmp_path):
+    env = {**os.environ, "REDIS_URL": fault_redis_url, "LOG_DIR": str(tmp_path), "SERVICE_CPUS": "0-4095"}
+    started = subprocess.run([sys.executable, "-m", "worker"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert started.returncode == 1
+    assert "SERVICE_CPUS=0-4095 names CPUs this process may not use" in started.stderr
