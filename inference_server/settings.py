@@ -8,8 +8,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker import contract
-
 CPU_MODEL_DIR = "SmolLM2-135M-Instruct"
 """Folder under MODELS_DIR that the CPU profile's model is prepared into."""
 GPU_MODEL = "Qwen/Qwen2.5-7B-Instruct-AWQ"
@@ -37,8 +35,6 @@ class EngineSettings:
     http_keepalive: int  # seconds the engine keeps a worker's idle connection open
     kvcache_space: int  # GiB, cpu profile
     single_process: bool  # cpu profile: the model computes in vLLM's engine process, on every core
-    service_cpus: frozenset[int] | None  # SERVICE_CPUS: every process but the model; None: not bound
-    model_cpus: frozenset[int] | None  # cpu profile: the CPUs SERVICE_CPUS leaves the model; None: vLLM chooses
     enforce_eager: bool
     gpu_memory_utilization: float
     max_num_seqs: int
@@ -52,25 +48,10 @@ class EngineSettings:
     def health_url(self) -> str:
         return f"http://{self.host}:{self.port}/health"
 
-    @property
-    def engine_cpus(self) -> frozenset[int] | None:
-        """The CPUs vLLM's API server and engine process run on; None: not bound. With the CPU engine's model
-        in its engine process (CPU_ENGINE_SINGLE_PROCESS) that process is the model's: not bound."""
-        if self.profile == "cpu" and self.single_process:
-            return None
-        return self.service_cpus
-
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> EngineSettings:
         """Read every engine setting from `env`, with the defaults listed in .env.sample."""
         profile, gpu_id = parse_device(env.get("MODEL_DEVICE", "cpu"))
-        single_process = is_true(env.get("CPU_ENGINE_SINGLE_PROCESS") or "false")
-        service_cpus = _service_cpus(env)
-        model_cpus = None
-        if profile == "cpu" and not single_process and service_cpus is not None:
-            model_cpus = frozenset(os.sched_getaffinity(0)) - service_cpus
-            if not model_cpus:
-                raise SettingsError(f"SERVICE_CPUS={contract.cpu_list(service_cpus)} leaves no CPU for the model")
         return cls(
             profile=profile,
             gpu_id=gpu_id,
@@ -81,9 +62,7 @@ class EngineSettings:
             max_model_len=int(env.get("MAX_MODEL_LEN") or DEFAULT_MAX_MODEL_LEN[profile]),
             http_keepalive=int(env.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", DEFAULT_HTTP_KEEPALIVE)),
             kvcache_space=int(env.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_SPACE)),
-            single_process=single_process,
-            service_cpus=service_cpus,
-            model_cpus=model_cpus,
+            single_process=is_true(env.get("CPU_ENGINE_SINGLE_PROCESS") or "false"),
             enforce_eager=is_true(env.get("ENFORCE_EAGER") or str(profile == "cpu")),
             gpu_memory_utilization=float(env.get("GPU_MEMORY_UTILIZATION", DEFAULT_GPU_MEMORY_UTILIZATION)),
             max_num_seqs=int(env.get("MAX_NUM_SEQS", DEFAULT_MAX_NUM_SEQS)),
@@ -93,14 +72,6 @@ class EngineSettings:
             extra_args=tuple(shlex.split(env.get("ENGINE_EXTRA_ARGS", ""))),
             log_dir=Path(env.get("LOG_DIR") or "logs"),
         )
-
-
-def _service_cpus(env: Mapping[str, str]) -> frozenset[int] | None:
-    try:
-        cpus = contract.service_cpus(env)
-    except ValueError as exc:
-        raise SettingsError(str(exc)) from exc
-    return None if cpus is None else frozenset(cpus)
 
 
 def is_true(value: str) -> bool:

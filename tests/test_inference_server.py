@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
@@ -12,13 +10,7 @@ from loguru import logger
 from inference_server.command import SERVER_MODULE, build_command, default_model
 from inference_server.settings import EngineSettings, SettingsError, parse_device
 from inference_server.supervisor import EXIT_NEVER_HEALTHY, supervise
-from tests.conftest import ROOT, free_port
-from worker import contract
-
-ALLOWED = os.sched_getaffinity(0)
-MODEL_BIND = {"VLLM_CPU_OMP_THREADS_BIND": contract.cpu_list(ALLOWED - {max(ALLOWED)})} if len(ALLOWED) > 1 else {}
-"""What SERVICE_CPUS=auto, the default, gives the CPU engine's model here: every CPU but the last."""
-needs_two_cpus = pytest.mark.skipif(len(ALLOWED) < 2, reason="one CPU: nothing to keep apart")
+from tests.conftest import free_port
 
 
 @pytest.fixture
@@ -47,7 +39,7 @@ def test_cpu_profile_command():
         "--dtype", "bfloat16",
         "--enforce-eager",
     ]  # fmt: skip
-    assert env == {"PATH": "/bin", "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "300", "VLLM_CPU_KVCACHE_SPACE": "1", **MODEL_BIND}
+    assert env == {"PATH": "/bin", "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "300", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def test_gpu_profile_command_pins_the_gpu():
@@ -120,77 +112,11 @@ def test_cpu_profile_in_a_single_process(value):
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     }
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in command_for({"CPU_ENGINE_SINGLE_PROCESS": "false"})[1]
-    assert EngineSettings.from_env({"CPU_ENGINE_SINGLE_PROCESS": value}).engine_cpus is None
 
 
 def test_the_single_process_setting_is_for_the_cpu_profile_only():
     _, env = command_for({"MODEL_DEVICE": "cuda", "CPU_ENGINE_SINGLE_PROCESS": "true"})
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env
-
-
-@needs_two_cpus
-def test_the_cpu_engine_keeps_the_last_cpu_for_everything_but_its_model():
-    settings = EngineSettings.from_env({})
-    assert settings.service_cpus == settings.engine_cpus == {max(ALLOWED)}
-    assert settings.model_cpus == ALLOWED - {max(ALLOWED)}
-    assert MODEL_BIND["VLLM_CPU_OMP_THREADS_BIND"] == contract.cpu_list(sorted(ALLOWED)[:-1])
-
-
-@needs_two_cpus
-def test_service_cpus_as_set():
-    first = min(ALLOWED)
-    settings = EngineSettings.from_env({"SERVICE_CPUS": str(first)})
-    assert settings.service_cpus == settings.engine_cpus == {first}
-    assert command_for({"SERVICE_CPUS": str(first)})[1]["VLLM_CPU_OMP_THREADS_BIND"] == contract.cpu_list(
-        ALLOWED - {first}
-    )
-
-
-@pytest.mark.parametrize("value", ["none", "None", ""])
-def test_service_cpus_none_binds_nothing(value):
-    settings = EngineSettings.from_env({"SERVICE_CPUS": value})
-    assert settings.service_cpus is settings.model_cpus is settings.engine_cpus is None
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in command_for({"SERVICE_CPUS": value})[1]
-
-
-def test_service_cpus_on_the_gpu_profile_bind_the_engine_processes_only_when_set():
-    assert EngineSettings.from_env({"MODEL_DEVICE": "cuda"}).engine_cpus is None
-    settings = EngineSettings.from_env({"MODEL_DEVICE": "cuda", "SERVICE_CPUS": contract.cpu_list(ALLOWED)})
-    assert settings.engine_cpus == ALLOWED
-    assert settings.model_cpus is None
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in command_for({"MODEL_DEVICE": "cuda", "SERVICE_CPUS": "0"})[1]
-
-
-@pytest.mark.parametrize(
-    ("value", "message"),
-    [
-        ("x", "SERVICE_CPUS: 'x' is not a list of CPUs"),
-        ("3-1", "SERVICE_CPUS: '3-1' is not a list of CPUs"),
-        ("1,,2", "SERVICE_CPUS: '1,,2' is not a list of CPUs"),
-        ("4096", "SERVICE_CPUS=4096 names CPUs this process may not use"),
-        (contract.cpu_list(ALLOWED), "leaves no CPU for the model"),
-    ],
-)
-def test_service_cpus_that_cannot_be_are_refused(value, message):
-    with pytest.raises(SettingsError, match=message):
-        EngineSettings.from_env({"SERVICE_CPUS": value})
-
-
-@pytest.mark.parametrize(("text", "cpus"), [("1", {1}), ("2-3,6", {2, 3, 6}), ("0-2,5,7-8", {0, 1, 2, 5, 7, 8})])
-def test_cpu_lists_read_and_written_as_taskset_does(text, cpus):
-    assert contract.parse_cpu_list(text) == cpus
-    assert contract.cpu_list(cpus) == text
-
-
-@needs_two_cpus
-@pytest.mark.parametrize(("cpus", "printed"), [("0", ""), ("0,1", "1")])
-def test_the_procfile_gets_the_service_cpus_for_redis(cpus, printed):
-    """`auto` under taskset: one CPU leaves nothing to keep apart; of two, the service gets the last."""
-    if not {0, 1} <= ALLOWED:
-        pytest.skip("CPUs 0 and 1 are not both available")
-    argv = ["taskset", "-c", cpus, sys.executable, "-m", "inference_server", "service-cpus"]
-    out = subprocess.run(argv, cwd=ROOT, env={**os.environ, "SERVICE_CPUS": "auto"}, capture_output=True, text=True)
-    assert (out.returncode, out.stdout) == (0, printed + "\n"), out.stderr
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""The job contract shared by web and worker: queues, task path, payload and meta keys, statuses; and what every
-process shares: logging and the CPUs it runs on (SERVICE_CPUS).
+"""The job contract shared by web and worker: queues, task path, payload and meta keys, statuses; and what all
+the service's processes share: logging and the CPUs they run on (SERVICE_CPUS).
 
 A leaf module: it imports nothing from the project, so the web app (and the engine's supervisor) can import it
 without pulling in the worker's engine client. Web enqueues `TASK_PATH` by its dotted name.
@@ -207,12 +207,13 @@ def redis_url(env: Mapping[str, str] = os.environ) -> str:
 
 
 def service_cpus(env: Mapping[str, str] = os.environ) -> set[int] | None:
-    """The CPUs that SERVICE_CPUS keeps every process but the CPU engine's model on; None: no binding.
+    """The CPUs that SERVICE_CPUS keeps the service's processes on (Redis, the web, the workers, the webhooks and
+    the dashboard; not the engine); None: no binding.
 
     `auto` (the default): with the CPU engine running its model in a process of its own (MODEL_DEVICE=cpu,
-    CPU_ENGINE_SINGLE_PROCESS off) on two CPUs or more, the last CPU this process may use, and the model's
-    threads get the others; otherwise no binding. `none` or empty: no binding. Anything else is a list of
-    CPUs as taskset takes it: `1`, `2-3,6`.
+    CPU_ENGINE_SINGLE_PROCESS off) on two CPUs or more, the last CPU this process may use, which vLLM's CPU
+    engine leaves out of its model; otherwise no binding. `none` or empty: no binding. Anything else is a list
+    of CPUs as taskset takes it: `1`, `2-3,6`.
 
     Raises:
         ValueError: for a list that is not one, or that names a CPU this process may not use.
@@ -250,7 +251,7 @@ def parse_cpu_list(value: str) -> set[int]:
 
 
 def cpu_list(cpus: Collection[int]) -> str:
-    """Write a set of CPUs as taskset and vLLM read them: `0-2,5`."""
+    """Write a set of CPUs as taskset reads them: `0-2,5`."""
     ranges: list[list[int]] = []
     for cpu in sorted(cpus):
         if ranges and cpu == ranges[-1][1] + 1:
@@ -263,23 +264,19 @@ def cpu_list(cpus: Collection[int]) -> str:
 def bind_to_service_cpus(env: Mapping[str, str] = os.environ) -> set[int] | None:
     """Keep this process, every thread of it and every process it starts on `service_cpus(env)`; return them.
 
-    On the CPU engine the model computes on one thread per core and vLLM's engine process waits for it by
-    spinning: the service's processes, woken hundreds of times a second, would otherwise preempt the model.
+    vLLM's CPU engine computes on one thread per CPU but the last and waits for each step by spinning on the
+    last: the service's processes, woken hundreds of times a second at full load, would otherwise also
+    preempt the model.
 
     Raises:
         ValueError: as `service_cpus`.
     """
     cpus = service_cpus(env)
     if cpus is not None:
-        bind_to_cpus(cpus)
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+                os.sched_setaffinity(int(task), cpus)
     return cpus
-
-
-def bind_to_cpus(cpus: Collection[int]) -> None:
-    """Keep this process, every thread of it and every process it starts from now on, on `cpus`."""
-    for task in os.listdir("/proc/self/task"):
-        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
-            os.sched_setaffinity(int(task), cpus)
 
 
 def callback_url_problem(url: str, allowed_hosts: list[str], allow_private: bool) -> str | None:
