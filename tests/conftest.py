@@ -53,9 +53,12 @@ def cpus_of_tree(pid: int) -> list[tuple[str, set[str]]]:
         tasks = sorted(Path(f"/proc/{current}/task").iterdir())
         lists = set()
         for task in tasks:
-            status = (task / "status").read_text()
+            try:
+                status, children = (task / "status").read_text(), (task / "children").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # a thread that has just ended
             lists.add(status.split("Cpus_allowed_list:")[1].split()[0])
-            pending += [int(child) for child in (task / "children").read_text().split()]
+            pending += [int(child) for child in children.split()]
         found.append((Path(f"/proc/{current}/comm").read_text().strip(), lists))
     return found
 
