@@ -6,6 +6,7 @@ tests/e2e/conftest.py.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from loguru import logger
 from redis import Redis
 from rq import Queue
 
+from bench.stack import children
 from tests.stand_in_engine import StandInEngine
 from web import create_app
 from worker import contract
@@ -50,16 +52,12 @@ def cpus_of_tree(pid: int) -> list[tuple[str, set[str]]]:
     found, pending = [], [pid]
     while pending:
         current = pending.pop()
-        tasks = sorted(Path(f"/proc/{current}/task").iterdir())
         lists = set()
-        for task in tasks:
-            try:
-                status, children = (task / "status").read_text(), (task / "children").read_text()
-            except (FileNotFoundError, ProcessLookupError):
-                continue  # a thread that has just ended
-            lists.add(status.split("Cpus_allowed_list:")[1].split()[0])
-            pending += [int(child) for child in children.split()]
+        for task in Path(f"/proc/{current}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that has just ended
+                lists.add((task / "status").read_text().split("Cpus_allowed_list:")[1].split()[0])
         found.append((Path(f"/proc/{current}/comm").read_text().strip(), lists))
+        pending += children(current)
     return found
 
 
