@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker import contract
+
 CPU_MODEL_DIR = "SmolLM2-135M-Instruct"
 """Folder under MODELS_DIR that the CPU profile's model is prepared into."""
 GPU_MODEL = "Qwen/Qwen2.5-7B-Instruct-AWQ"
@@ -62,8 +64,8 @@ class EngineSettings:
             max_model_len=int(env.get("MAX_MODEL_LEN") or DEFAULT_MAX_MODEL_LEN[profile]),
             http_keepalive=int(env.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", DEFAULT_HTTP_KEEPALIVE)),
             kvcache_space=int(env.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_SPACE)),
-            single_process=is_true(env.get("CPU_ENGINE_SINGLE_PROCESS") or "false"),
-            enforce_eager=is_true(env.get("ENFORCE_EAGER") or str(profile == "cpu")),
+            single_process=contract.flag(env.get("CPU_ENGINE_SINGLE_PROCESS")),
+            enforce_eager=contract.flag(env.get("ENFORCE_EAGER") or str(profile == "cpu")),
             gpu_memory_utilization=float(env.get("GPU_MEMORY_UTILIZATION", DEFAULT_GPU_MEMORY_UTILIZATION)),
             max_num_seqs=int(env.get("MAX_NUM_SEQS", DEFAULT_MAX_NUM_SEQS)),
             quantization=env.get("QUANTIZATION", "awq_marlin"),
@@ -72,11 +74,6 @@ class EngineSettings:
             extra_args=tuple(shlex.split(env.get("ENGINE_EXTRA_ARGS", ""))),
             log_dir=Path(env.get("LOG_DIR") or "logs"),
         )
-
-
-def is_true(value: str) -> bool:
-    """Read a boolean setting as the workers and the web do: 1, true, yes or on (any case) is true."""
-    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def parse_device(device: str) -> tuple[str, str | None]:
