@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,20 +176,26 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def process_tree(pid: int) -> Iterator[int]:
+    """A process and every process under it (see `children`), each before those it started."""
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        yield current
+        pending += children(current)
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time (user and system) a process, its threads and its descendants have used so far, in seconds: those
     alive, and those that ended and were waited for; 0 once the process is gone."""
     total = 0.0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
+    for current in process_tree(pid):
         try:
             stat = Path(f"/proc/{current}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()  # from the state on: the name may hold spaces
         except (FileNotFoundError, ProcessLookupError):
             continue  # ended
+        fields = stat[stat.rindex(")") + 2 :].split()  # from the state on: the name may hold spaces
         total += sum(int(value) for value in fields[11:15]) / CLOCK_TICKS  # utime, stime, cutime, cstime
-        pending += children(current)
     return total
 
 

@@ -19,7 +19,7 @@ from loguru import logger
 from redis import Redis
 from rq import Queue
 
-from bench.stack import children
+from bench.stack import process_tree
 from tests.stand_in_engine import StandInEngine
 from web import create_app
 from worker import contract
@@ -49,15 +49,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
 
 def cpus_of_tree(pid: int) -> list[tuple[str, set[str]]]:
     """For a process and every process under it: its command name and the CPU lists its threads may run on."""
-    found, pending = [], [pid]
-    while pending:
-        current = pending.pop()
+    found = []
+    for current in process_tree(pid):
         lists = set()
         for task in Path(f"/proc/{current}/task").iterdir():
             with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that has just ended
                 lists.add((task / "status").read_text().split("Cpus_allowed_list:")[1].split()[0])
         found.append((Path(f"/proc/{current}/comm").read_text().strip(), lists))
-        pending += children(current)
     return found
 
 
