@@ -248,7 +248,8 @@ def added_latency_ms(direct_samples: list[Sample], api_samples: list[Sample]) ->
 def repeat_difference_ms(first_samples: list[Sample], again_samples: list[Sample]) -> dict[str, float]:
     """The engine alone, the same prompt twice: the second latency minus the first (milliseconds).
 
-    The spread the engine itself brings to a paired difference: the floor under `added_latency_ms`.
+    How much the engine alone moves between two requests for the same prompt, beside `added_latency_ms`. The
+    second request follows the job through the queue, and so also meets what the queue does after a job.
     """
     first = {s.index: s.latency for s in first_samples}
     return _spread([(s.latency - first[s.index]) * 1000 for s in again_samples if s.index in first])
