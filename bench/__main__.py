@@ -68,7 +68,7 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     for level in LEVELS:
         print(f"[{engine}] c={level}: {counts[level]} requests direct, then through the queue", flush=True)
         cores: dict[str, dict[str, float]] = {}  # the closed loops' CPU use (c=1 alternates the ways instead)
-        if level == 1:  # each prompt direct, through the queue, then direct again: seconds apart, not minutes
+        if level == 1:  # each prompt direct, through the queue, then direct again: within seconds, not minutes
             (direct_samples, direct_wall, direct_errors), (api_samples, api_wall, api_errors), (again, _, _) = run(
                 _direct_queue_direct(direct, via_api, counts[1], first)
             )

@@ -154,7 +154,7 @@ async def closed_loop(
 async def alternating(
     requests: Sequence[Callable[[aiohttp.ClientSession, int], Awaitable[Sample]]], count: int, first: int = 0
 ) -> list[tuple[list[Sample], float, list[str]]]:
-    """One client, each prompt sent each way in turn, so the requests for one prompt are seconds apart.
+    """One client, each prompt sent each way in turn, so the requests for one prompt come within seconds.
 
     Returns, for each way: the samples, the time spent in its requests and the errors.
     """
