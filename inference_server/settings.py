@@ -21,8 +21,8 @@ DEFAULT_START_TIMEOUT = 900  # seconds to wait for the engine's /health (GPU col
 DEFAULT_HTTP_KEEPALIVE = 300  # seconds vLLM's HTTP server keeps an idle connection open (vLLM's default: 5)
 
 
-class SettingsError(ValueError):
-    """A setting has a value the engine cannot run with."""
+SettingsError = contract.SettingsError
+"""A setting has a value the engine cannot run with."""
 
 
 @dataclass(frozen=True)
@@ -60,16 +60,16 @@ class EngineSettings:
             model=env.get("MODEL_NAME", ""),
             served_model_name=env.get("SERVED_MODEL_NAME") or "local-llm",
             host=env.get("ENGINE_HOST", "127.0.0.1"),
-            port=int(env.get("ENGINE_PORT", "8001")),
-            max_model_len=int(env.get("MAX_MODEL_LEN") or DEFAULT_MAX_MODEL_LEN[profile]),
-            http_keepalive=int(env.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", DEFAULT_HTTP_KEEPALIVE)),
-            kvcache_space=int(env.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_SPACE)),
+            port=contract.env_int(env, "ENGINE_PORT", 8001),
+            max_model_len=contract.env_int(env, "MAX_MODEL_LEN", DEFAULT_MAX_MODEL_LEN[profile]),
+            http_keepalive=contract.env_int(env, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", DEFAULT_HTTP_KEEPALIVE),
+            kvcache_space=contract.env_int(env, "VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_SPACE),
             single_process=contract.flag(env.get("CPU_ENGINE_SINGLE_PROCESS")),
             enforce_eager=contract.flag(env.get("ENFORCE_EAGER") or str(profile == "cpu")),
-            gpu_memory_utilization=float(env.get("GPU_MEMORY_UTILIZATION", DEFAULT_GPU_MEMORY_UTILIZATION)),
-            max_num_seqs=int(env.get("MAX_NUM_SEQS", DEFAULT_MAX_NUM_SEQS)),
+            gpu_memory_utilization=contract.env_float(env, "GPU_MEMORY_UTILIZATION", DEFAULT_GPU_MEMORY_UTILIZATION),
+            max_num_seqs=contract.env_int(env, "MAX_NUM_SEQS", DEFAULT_MAX_NUM_SEQS),
             quantization=env.get("QUANTIZATION", "awq_marlin"),
-            start_timeout=float(env.get("ENGINE_START_TIMEOUT", DEFAULT_START_TIMEOUT)),
+            start_timeout=contract.env_float(env, "ENGINE_START_TIMEOUT", DEFAULT_START_TIMEOUT),
             models_dir=Path(env.get("MODELS_DIR", "models")),
             extra_args=tuple(shlex.split(env.get("ENGINE_EXTRA_ARGS", ""))),
             log_dir=Path(env.get("LOG_DIR") or "logs"),

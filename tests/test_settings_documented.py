@@ -6,7 +6,10 @@ import re
 
 from tests.conftest import ROOT
 
-READ = re.compile(r"""env(?:iron)?\.get\(\s*["']([A-Z][A-Z0-9_]+)["']|env\[["']([A-Z][A-Z0-9_]+)["']\](?!\s*=[^=])""")
+READ = re.compile(
+    r"""env(?:iron)?\.get\(\s*["']([A-Z][A-Z0-9_]+)["']|env\[["']([A-Z][A-Z0-9_]+)["']\](?!\s*=[^=])"""
+    r"""|env_(?:int|float)\(\s*\w+,\s*["']([A-Z][A-Z0-9_]+)["']"""
+)
 PROCFILE_READ = re.compile(r"\$\{([A-Z][A-Z0-9_]+)")
 SAMPLE = re.compile(r"^([A-Z][A-Z0-9_]+)=", re.MULTILINE)
 NOT_SETTINGS = {"PATH"}
@@ -17,7 +20,7 @@ def names_read_by_the_code() -> set[str]:
     for folder in ("web", "worker", "inference_server"):
         for path in (ROOT / folder).rglob("*.py"):
             for match in READ.finditer(path.read_text()):
-                names.add(match.group(1) or match.group(2))
+                names.add(next(name for name in match.groups() if name))
     names.update(PROCFILE_READ.findall((ROOT / "Procfile").read_text()))
     return names - NOT_SETTINGS
 

@@ -21,8 +21,13 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the API app from the environment, overridden by `test_config`."""
     from web import health, jobs, metrics
 
+    testing = bool(test_config and test_config.get("TESTING"))
+    with contract.settings_checked():  # in gunicorn's master, a bad setting is one line and status 2
+        config = config_from_env()
+        if not testing:
+            contract.bind_to_service_cpus()  # with gunicorn's --preload, in the master: its workers inherit it
     app = Flask(__name__)
-    app.config.update(config_from_env())
+    app.config.update(config)
     app.config.update(
         API_TITLE="LLM queue",
         API_VERSION="v1",
@@ -36,8 +41,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
     if test_config:
         app.config.update(test_config)
-    if not app.config.get("TESTING"):
-        contract.bind_to_service_cpus()  # with gunicorn's --preload, in the master: its workers inherit it
+    if not testing:
         contract.configure_logging(app.config["LOG_DIR"], app.config["LOG_LEVEL"])
 
     app.extensions["redis"] = Redis.from_url(

@@ -56,15 +56,11 @@ def refusal(env: Mapping[str, str]) -> str | None:
 
 def main() -> None:
     """Check the settings, then replace this process with gunicorn serving the dashboard."""
-    reason = refusal(os.environ)
-    if reason:
-        print(reason, file=sys.stderr)
-        sys.exit(2)
-    try:
+    with contract.settings_checked():
+        reason = refusal(os.environ)
+        if reason:
+            raise contract.SettingsError(reason)
         contract.bind_to_service_cpus()  # gunicorn, started in its place, keeps it
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
-        sys.exit(2)
     bind = f"{os.environ.get('RQ_DASHBOARD_HOST', '127.0.0.1')}:{os.environ.get('RQ_DASHBOARD_PORT', '9181')}"
     gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
     os.execv(gunicorn, [gunicorn, "--workers", "1", "--bind", bind, "web.dashboard:create_dashboard()"])

@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import os
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -186,6 +186,49 @@ def public_status(rq_status: str) -> str:
     return _RQ_TO_PUBLIC.get(getattr(rq_status, "value", rq_status), STATUS_QUEUED)
 
 
+class SettingsError(ValueError):
+    """An environment variable has a value the service cannot run with; the message names it."""
+
+
+def env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    """Read a whole-number setting; unset or empty gives `default`.
+
+    Raises:
+        SettingsError: for anything else, naming the variable.
+    """
+    return _env_number(env, name, default, int, "a whole number")
+
+
+def env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    """Read a numeric setting (`0.25`, `10`); unset or empty gives `default`.
+
+    Raises:
+        SettingsError: for anything else, naming the variable.
+    """
+    return _env_number(env, name, default, float, "a number")
+
+
+def _env_number(env: Mapping[str, str], name: str, default: Any, kind: type, what: str) -> Any:
+    value = (env.get(name) or "").strip()
+    if not value:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise SettingsError(f"{name} must be {what}, not {value!r}") from None
+
+
+@contextlib.contextmanager
+def settings_checked() -> Iterator[None]:
+    """Around a process's start: a SettingsError raised inside ends the process with status 2 and one line on
+    stderr that says which setting to mend, not a traceback."""
+    try:
+        yield
+    except SettingsError as exc:
+        print(f"invalid settings: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def flag(value: str | None) -> bool:
     """Read a boolean setting: 1, true, yes or on (any case) is true."""
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
@@ -216,7 +259,7 @@ def service_cpus(env: Mapping[str, str] = os.environ) -> set[int] | None:
     of CPUs as taskset takes it: `1`, `2-3,6`.
 
     Raises:
-        ValueError: for a list that is not one, or that names a CPU this process may not use.
+        SettingsError: for a list that is not one, or that names a CPU this process may not use.
     """
     value = env.get("SERVICE_CPUS", "auto").strip().lower()
     allowed = os.sched_getaffinity(0)
@@ -229,9 +272,10 @@ def service_cpus(env: Mapping[str, str] = os.environ) -> set[int] | None:
     try:
         cpus = parse_cpu_list(value)
     except ValueError as exc:
-        raise ValueError(f"SERVICE_CPUS: {exc}") from None
+        raise SettingsError(f"SERVICE_CPUS: {exc}") from None
     if not cpus <= allowed:
-        raise ValueError(f"SERVICE_CPUS={value} names CPUs this process may not use (it may use {cpu_list(allowed)})")
+        usable = cpu_list(allowed)
+        raise SettingsError(f"SERVICE_CPUS={value} names CPUs this process may not use (it may use {usable})")
     return cpus
 
 
@@ -269,7 +313,7 @@ def bind_to_service_cpus(env: Mapping[str, str] = os.environ) -> set[int] | None
     preempt the model.
 
     Raises:
-        ValueError: as `service_cpus`.
+        SettingsError: as `service_cpus`.
     """
     cpus = service_cpus(env)
     if cpus is not None:

@@ -51,8 +51,8 @@ class WebhookSettings:
             secret=env.get("WEBHOOK_SECRET", ""),
             allowed_hosts=contract.host_list(env.get("WEBHOOK_ALLOWED_HOSTS", "")),
             allow_private=contract.flag(env.get("WEBHOOK_ALLOW_PRIVATE")),
-            timeout=float(env.get("WEBHOOK_TIMEOUT", "10")),
-            workers=int(env.get("WEBHOOK_WORKERS", "2")),
+            timeout=contract.env_float(env, "WEBHOOK_TIMEOUT", 10.0),
+            workers=contract.env_int(env, "WEBHOOK_WORKERS", 2),
         )
 
 
@@ -149,11 +149,9 @@ def deliver(task_id: str, url: str, body: dict[str, Any]) -> int:
 
 def main() -> None:
     """Work the webhook queue with WEBHOOK_WORKERS processes until SIGTERM/SIGINT."""
-    settings = WebhookSettings.from_env()
-    try:
+    with contract.settings_checked():
+        settings = WebhookSettings.from_env()
         contract.bind_to_service_cpus()
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
     log_level = os.environ.get("LOG_LEVEL", "INFO").upper()
     contract.configure_logging(os.environ.get("LOG_DIR") or contract.DEFAULT_LOG_DIR, log_level)
     if not settings.allowed_hosts:

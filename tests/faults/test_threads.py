@@ -103,7 +103,8 @@ def test_cancel_cuts_only_its_own_job_among_the_workers_of_a_process(start_pool,
 def test_a_pool_without_workers_is_refused_with_a_message(fault_redis_url, tmp_path):
     env = {**os.environ, "REDIS_URL": fault_redis_url, "LOG_DIR": str(tmp_path), "WORKER_THREADS": "0"}
     started = subprocess.run([sys.executable, "-m", "worker"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert started.returncode == 1
+    assert started.returncode == 2
+    assert started.stderr.startswith("invalid settings: WORKER_CONCURRENCY (")
     assert "WORKER_THREADS (0) must be 1 or more" in started.stderr
 
 
@@ -119,5 +120,5 @@ def test_the_pool_runs_on_the_service_cpus_as_set(start_pool):
 def test_a_pool_with_service_cpus_it_cannot_use_is_refused_with_a_message(fault_redis_url, tmp_path):
     env = {**os.environ, "REDIS_URL": fault_redis_url, "LOG_DIR": str(tmp_path), "SERVICE_CPUS": "0-4095"}
     started = subprocess.run([sys.executable, "-m", "worker"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert started.returncode == 1
-    assert "SERVICE_CPUS=0-4095 names CPUs this process may not use" in started.stderr
+    assert started.returncode == 2
+    assert "invalid settings: SERVICE_CPUS=0-4095 names CPUs this process may not use" in started.stderr

@@ -1,0 +1,88 @@
+"""A setting the service cannot run with stops each of its processes with status 2 and one line naming it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from worker import contract
+
+
+@pytest.mark.parametrize(
+    ("value", "read"),
+    [(None, 7), ("", 7), (" 12 ", 12), ("-3", -3)],
+)
+def test_whole_numbers_are_read_and_unset_or_empty_gives_the_default(value, read):
+    env = {} if value is None else {"SOME_SETTING": value}
+    assert contract.env_int(env, "SOME_SETTING", 7) == read
+
+
+@pytest.mark.parametrize("value", ["x", "1.5", "1e3", "12 s"])
+def test_a_whole_number_setting_refuses_anything_else_by_name(value):
+    with pytest.raises(contract.SettingsError, match=f"SOME_SETTING must be a whole number, not '{value}'"):
+        contract.env_int({"SOME_SETTING": value}, "SOME_SETTING", 7)
+
+
+@pytest.mark.parametrize(("value", "read"), [(None, 0.25), ("", 0.25), ("0.5", 0.5), ("10", 10.0)])
+def test_numbers_are_read_and_unset_or_empty_gives_the_default(value, read):
+    env = {} if value is None else {"SOME_SETTING": value}
+    assert contract.env_float(env, "SOME_SETTING", 0.25) == read
+
+
+def test_a_number_setting_refuses_anything_else_by_name():
+    with pytest.raises(contract.SettingsError, match="SOME_SETTING must be a number, not '0,5'"):
+        contract.env_float({"SOME_SETTING": "0,5"}, "SOME_SETTING", 0.25)
+
+
+def started(argv: list[str], **settings: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LOG_DIR": os.devnull, **settings}  # LOG_DIR: nothing may get as far as logging
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+GUNICORN = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+
+
+@pytest.mark.parametrize(
+    ("argv", "settings", "line"),
+    [
+        (
+            [sys.executable, "-m", "worker"],
+            {"WORKER_THREADS": "eight"},
+            "invalid settings: WORKER_THREADS must be a whole number, not 'eight'",
+        ),
+        (
+            [sys.executable, "-m", "worker.webhooks"],
+            {"WEBHOOK_TIMEOUT": "10s"},
+            "invalid settings: WEBHOOK_TIMEOUT must be a number, not '10s'",
+        ),
+        (
+            [sys.executable, "-m", "web.dashboard"],
+            {"SERVICE_CPUS": "one"},
+            "invalid settings: SERVICE_CPUS: 'one' is not a list of CPUs",
+        ),
+        (
+            [sys.executable, "-m", "web.dashboard"],
+            {"RQ_DASHBOARD_HOST": "0.0.0.0", "RQ_DASHBOARD_USERNAME": "", "RQ_DASHBOARD_PASSWORD": ""},
+            "invalid settings: refusing to serve rq-dashboard on 0.0.0.0 without credentials",
+        ),
+        (  # as the Procfile starts the web
+            [GUNICORN, "--worker-class", "gevent", "--bind", "127.0.0.1:0", "--preload", "web:create_app()"],
+            {"MAX_BATCH": "many"},
+            "invalid settings: MAX_BATCH must be a whole number, not 'many'",
+        ),
+        (
+            [GUNICORN, "--worker-class", "gevent", "--bind", "127.0.0.1:0", "--preload", "web:create_app()"],
+            {"SERVICE_CPUS": "0-4095"},
+            "invalid settings: SERVICE_CPUS=0-4095 names CPUs this process may not use",
+        ),
+    ],
+)
+def test_a_process_with_a_bad_setting_stops_with_one_line_naming_it(argv, settings, line):
+    out = started(argv, **settings)
+    assert out.returncode == 2, out.stderr
+    assert line in out.stderr
+    assert "Traceback" not in out.stderr
