@@ -60,6 +60,11 @@ GUNICORN = os.path.join(os.path.dirname(sys.executable), "gunicorn")
             "invalid settings: WEBHOOK_TIMEOUT must be a number, not '10s'",
         ),
         (
+            [sys.executable, "-m", "worker.webhooks"],
+            {"WEBHOOK_WORKERS": "0"},
+            "invalid settings: WEBHOOK_WORKERS (0) must be 1 or more",
+        ),
+        (
             [sys.executable, "-m", "web.dashboard"],
             {"SERVICE_CPUS": "one"},
             "invalid settings: SERVICE_CPUS: 'one' is not a list of CPUs",

@@ -151,6 +151,8 @@ def main() -> None:
     """Work the webhook queue with WEBHOOK_WORKERS processes until SIGTERM/SIGINT."""
     with contract.settings_checked():
         settings = WebhookSettings.from_env()
+        if settings.workers < 1:
+            raise contract.SettingsError(f"WEBHOOK_WORKERS ({settings.workers}) must be 1 or more")
         contract.bind_to_service_cpus()
     log_level = os.environ.get("LOG_LEVEL", "INFO").upper()
     contract.configure_logging(os.environ.get("LOG_DIR") or contract.DEFAULT_LOG_DIR, log_level)
