@@ -52,28 +52,39 @@ class EngineSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> EngineSettings:
-        """Read every engine setting from `env`, with the defaults listed in .env.sample."""
+        """Read every engine setting from `env`, with the defaults listed in .env.sample.
+
+        Raises:
+            SettingsError: for a value the engine cannot run with, naming the variable.
+        """
         profile, gpu_id = parse_device(env.get("MODEL_DEVICE", "cpu"))
-        return cls(
+        settings = cls(
             profile=profile,
             gpu_id=gpu_id,
             model=env.get("MODEL_NAME", ""),
             served_model_name=env.get("SERVED_MODEL_NAME") or "local-llm",
             host=env.get("ENGINE_HOST", "127.0.0.1"),
-            port=contract.env_int(env, "ENGINE_PORT", 8001),
-            max_model_len=contract.env_int(env, "MAX_MODEL_LEN", DEFAULT_MAX_MODEL_LEN[profile]),
-            http_keepalive=contract.env_int(env, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", DEFAULT_HTTP_KEEPALIVE),
-            kvcache_space=contract.env_int(env, "VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_SPACE),
+            port=contract.env_int(env, "ENGINE_PORT", 8001, minimum=1),
+            max_model_len=contract.env_int(env, "MAX_MODEL_LEN", DEFAULT_MAX_MODEL_LEN[profile], minimum=1),
+            http_keepalive=contract.env_int(env, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", DEFAULT_HTTP_KEEPALIVE, minimum=1),
+            kvcache_space=contract.env_int(env, "VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_SPACE, minimum=1),
             single_process=contract.flag(env.get("CPU_ENGINE_SINGLE_PROCESS")),
             enforce_eager=contract.flag(env.get("ENFORCE_EAGER") or str(profile == "cpu")),
-            gpu_memory_utilization=contract.env_float(env, "GPU_MEMORY_UTILIZATION", DEFAULT_GPU_MEMORY_UTILIZATION),
-            max_num_seqs=contract.env_int(env, "MAX_NUM_SEQS", DEFAULT_MAX_NUM_SEQS),
+            gpu_memory_utilization=contract.env_float(
+                env, "GPU_MEMORY_UTILIZATION", DEFAULT_GPU_MEMORY_UTILIZATION, positive=True
+            ),
+            max_num_seqs=contract.env_int(env, "MAX_NUM_SEQS", DEFAULT_MAX_NUM_SEQS, minimum=1),
             quantization=env.get("QUANTIZATION", "awq_marlin"),
-            start_timeout=contract.env_float(env, "ENGINE_START_TIMEOUT", DEFAULT_START_TIMEOUT),
+            start_timeout=contract.env_float(env, "ENGINE_START_TIMEOUT", DEFAULT_START_TIMEOUT, positive=True),
             models_dir=Path(env.get("MODELS_DIR", "models")),
             extra_args=tuple(shlex.split(env.get("ENGINE_EXTRA_ARGS", ""))),
             log_dir=Path(env.get("LOG_DIR") or "logs"),
         )
+        if settings.gpu_memory_utilization > 1:
+            raise SettingsError(
+                f"GPU_MEMORY_UTILIZATION is a fraction, at most 1, not {settings.gpu_memory_utilization:g}"
+            )
+        return settings
 
 
 def parse_device(device: str) -> tuple[str, str | None]:

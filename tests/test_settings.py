@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
+from inference_server.settings import EngineSettings
 from tests.conftest import ROOT
+from web.settings import config_from_env
 from worker import contract
 
 
@@ -33,9 +35,34 @@ def test_numbers_are_read_and_unset_or_empty_gives_the_default(value, read):
     assert contract.env_float(env, "SOME_SETTING", 0.25) == read
 
 
-def test_a_number_setting_refuses_anything_else_by_name():
-    with pytest.raises(contract.SettingsError, match="SOME_SETTING must be a number, not '0,5'"):
-        contract.env_float({"SOME_SETTING": "0,5"}, "SOME_SETTING", 0.25)
+@pytest.mark.parametrize("value", ["0,5", "nan", "inf", "-inf"])
+def test_a_number_setting_refuses_anything_else_by_name(value):
+    with pytest.raises(contract.SettingsError, match=f"SOME_SETTING must be a number, not '{value}'"):
+        contract.env_float({"SOME_SETTING": value}, "SOME_SETTING", 0.25)
+
+
+def test_settings_below_their_least_value_are_refused_by_name():
+    assert contract.env_int({"SOME_SETTING": "1"}, "SOME_SETTING", 7, minimum=1) == 1
+    with pytest.raises(contract.SettingsError, match="SOME_SETTING must be 1 or more, not 0"):
+        contract.env_int({"SOME_SETTING": "0"}, "SOME_SETTING", 7, minimum=1)
+    assert contract.env_float({"SOME_SETTING": "0"}, "SOME_SETTING", 0.25) == 0
+    with pytest.raises(contract.SettingsError, match="SOME_SETTING must be 0 or more, not -0.5"):
+        contract.env_float({"SOME_SETTING": "-0.5"}, "SOME_SETTING", 0.25)
+    with pytest.raises(contract.SettingsError, match="SOME_SETTING must be more than 0, not 0"):
+        contract.env_float({"SOME_SETTING": "0"}, "SOME_SETTING", 0.25, positive=True)
+
+
+def test_a_default_max_tokens_over_max_new_tokens_is_refused():
+    with pytest.raises(
+        contract.SettingsError, match=r"DEFAULT_MAX_TOKENS \(2000\) may not be more than MAX_NEW_TOKENS"
+    ):
+        config_from_env({"DEFAULT_MAX_TOKENS": "2000", "MAX_NEW_TOKENS": "1024"})
+    assert config_from_env({"DEFAULT_MAX_TOKENS": "1024", "MAX_NEW_TOKENS": "1024"})["DEFAULT_MAX_TOKENS"] == 1024
+
+
+def test_a_gpu_memory_fraction_over_1_is_refused():
+    with pytest.raises(contract.SettingsError, match="GPU_MEMORY_UTILIZATION is a fraction, at most 1, not 90"):
+        EngineSettings.from_env({"MODEL_DEVICE": "cuda", "GPU_MEMORY_UTILIZATION": "90"})
 
 
 def started(argv: list[str], **settings: str) -> subprocess.CompletedProcess:
@@ -62,7 +89,12 @@ GUNICORN = os.path.join(os.path.dirname(sys.executable), "gunicorn")
         (
             [sys.executable, "-m", "worker.webhooks"],
             {"WEBHOOK_WORKERS": "0"},
-            "invalid settings: WEBHOOK_WORKERS (0) must be 1 or more",
+            "invalid settings: WEBHOOK_WORKERS must be 1 or more, not 0",
+        ),
+        (
+            [sys.executable, "-m", "inference_server", "prepare"],
+            {"ENGINE_PORT": "0"},
+            "invalid engine settings: ENGINE_PORT must be 1 or more, not 0",
         ),
         (
             [sys.executable, "-m", "web.dashboard"],

@@ -24,10 +24,6 @@ def main() -> None:
     """Start the worker pool and block until SIGTERM/SIGINT."""
     with contract.settings_checked():
         settings = WorkerSettings.from_env()
-        if settings.concurrency < 1 or settings.threads < 1:
-            raise contract.SettingsError(
-                f"WORKER_CONCURRENCY ({settings.concurrency}) and WORKER_THREADS ({settings.threads}) must be 1 or more"
-            )
         cpus = contract.bind_to_service_cpus()  # before any thread starts; the pool's processes inherit it
     contract.configure_logging(settings.log_dir, settings.log_level)
     processes = math.ceil(settings.concurrency / settings.threads)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import math
 import os
 import sys
 from collections.abc import Collection, Iterator, Mapping
@@ -190,22 +191,29 @@ class SettingsError(ValueError):
     """An environment variable has a value the service cannot run with; the message names it."""
 
 
-def env_int(env: Mapping[str, str], name: str, default: int) -> int:
+def env_int(env: Mapping[str, str], name: str, default: int, minimum: int | None = None) -> int:
     """Read a whole-number setting; unset or empty gives `default`.
 
     Raises:
-        SettingsError: for anything else, naming the variable.
+        SettingsError: for anything else, or for a value under `minimum`, naming the variable.
     """
-    return _env_number(env, name, default, int, "a whole number")
+    value = _env_number(env, name, default, int, "a whole number")
+    if minimum is not None and value < minimum:
+        raise SettingsError(f"{name} must be {minimum} or more, not {value}")
+    return value
 
 
-def env_float(env: Mapping[str, str], name: str, default: float) -> float:
-    """Read a numeric setting (`0.25`, `10`); unset or empty gives `default`.
+def env_float(env: Mapping[str, str], name: str, default: float, *, positive: bool = False) -> float:
+    """Read a numeric setting (`0.25`, `10`); unset or empty gives `default`. It may not be negative, nor 0 if
+    `positive`.
 
     Raises:
         SettingsError: for anything else, naming the variable.
     """
-    return _env_number(env, name, default, float, "a number")
+    value = _env_number(env, name, default, float, "a number")
+    if value < 0 or (positive and value == 0):
+        raise SettingsError(f"{name} must be {'more than 0' if positive else '0 or more'}, not {value:g}")
+    return value
 
 
 def _env_number(env: Mapping[str, str], name: str, default: Any, kind: type, what: str) -> Any:
@@ -213,9 +221,12 @@ def _env_number(env: Mapping[str, str], name: str, default: Any, kind: type, wha
     if not value:
         return default
     try:
-        return kind(value)
+        number = kind(value)
     except ValueError:
-        raise SettingsError(f"{name} must be {what}, not {value!r}") from None
+        number = math.nan
+    if isinstance(number, float) and not math.isfinite(number):  # nan and inf parse, but are no setting
+        raise SettingsError(f"{name} must be {what}, not {value!r}")
+    return number
 
 
 @contextlib.contextmanager

@@ -51,8 +51,8 @@ class WebhookSettings:
             secret=env.get("WEBHOOK_SECRET", ""),
             allowed_hosts=contract.host_list(env.get("WEBHOOK_ALLOWED_HOSTS", "")),
             allow_private=contract.flag(env.get("WEBHOOK_ALLOW_PRIVATE")),
-            timeout=contract.env_float(env, "WEBHOOK_TIMEOUT", 10.0),
-            workers=contract.env_int(env, "WEBHOOK_WORKERS", 2),
+            timeout=contract.env_float(env, "WEBHOOK_TIMEOUT", 10.0, positive=True),
+            workers=contract.env_int(env, "WEBHOOK_WORKERS", 2, minimum=1),
         )
 
 
@@ -151,8 +151,6 @@ def main() -> None:
     """Work the webhook queue with WEBHOOK_WORKERS processes until SIGTERM/SIGINT."""
     with contract.settings_checked():
         settings = WebhookSettings.from_env()
-        if settings.workers < 1:
-            raise contract.SettingsError(f"WEBHOOK_WORKERS ({settings.workers}) must be 1 or more")
         contract.bind_to_service_cpus()
     log_level = os.environ.get("LOG_LEVEL", "INFO").upper()
     contract.configure_logging(os.environ.get("LOG_DIR") or contract.DEFAULT_LOG_DIR, log_level)
