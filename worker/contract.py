@@ -1,5 +1,5 @@
 """The job contract shared by web and worker: queues, task path, payload and meta keys, statuses; and what all
-the service's processes share: logging and the CPUs they run on (SERVICE_CPUS).
+the service's processes share: reading their settings, logging and the CPUs they run on (SERVICE_CPUS).
 
 A leaf module: it imports nothing from the project, so the web app (and the engine's supervisor) can import it
 without pulling in the worker's engine client. Web enqueues `TASK_PATH` by its dotted name.
@@ -185,6 +185,9 @@ def public_status(rq_status: str) -> str:
     """Map an RQ job status to the status the API reports."""
     # JobStatus is a str Enum: look it up by value, since str() of it is "JobStatus.X".
     return _RQ_TO_PUBLIC.get(getattr(rq_status, "value", rq_status), STATUS_QUEUED)
+
+
+# --- Settings (environment variables), and the CPUs the service runs on -------------------
 
 
 class SettingsError(ValueError):
