@@ -187,7 +187,7 @@ def public_status(rq_status: str) -> str:
     return _RQ_TO_PUBLIC.get(getattr(rq_status, "value", rq_status), STATUS_QUEUED)
 
 
-# --- Settings (environment variables), and the CPUs the service runs on -------------------
+# --- Settings (environment variables), and the CPUs the service runs on -----------------
 
 
 class SettingsError(ValueError):
