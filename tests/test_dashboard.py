@@ -23,6 +23,7 @@ def basic(user: str, password: str) -> dict[str, str]:
         ({"RQ_DASHBOARD_HOST": "0.0.0.0", "RQ_DASHBOARD_USERNAME": "a", "RQ_DASHBOARD_PASSWORD": "p"}, False),
         ({"RQ_DASHBOARD_HOST": "127.0.0.1"}, False),
         ({}, False),
+        ({"RQ_DASHBOARD_HOST": ""}, False),  # empty: the default, loopback
     ],
 )
 def test_refuses_public_bind_without_credentials(env, refused):

@@ -52,6 +52,19 @@ def test_settings_below_their_least_value_are_refused_by_name():
         contract.env_float({"SOME_SETTING": "0"}, "SOME_SETTING", 0.25, positive=True)
 
 
+@pytest.mark.parametrize(
+    ("env", "url"),
+    [
+        ({"REDIS_URL": "redis://elsewhere:7000/2", "REDIS_PORT": "x"}, "redis://elsewhere:7000/2"),
+        ({"REDIS_HOST": "cache", "REDIS_PORT": "", "REDIS_DB": ""}, "redis://cache:6379/0"),
+        ({"REDIS_URL": "", "REDIS_HOST": "", "REDIS_PORT": "6380", "REDIS_DB": "1"}, "redis://127.0.0.1:6380/1"),
+        ({}, contract.DEFAULT_REDIS_URL),
+    ],
+)
+def test_the_redis_url_is_built_from_its_parts_when_not_given(env, url):
+    assert contract.redis_url(env) == url
+
+
 def test_a_default_max_tokens_over_max_new_tokens_is_refused():
     with pytest.raises(
         contract.SettingsError, match=r"DEFAULT_MAX_TOKENS \(2000\) may not be more than MAX_NEW_TOKENS"
@@ -95,6 +108,11 @@ GUNICORN = os.path.join(os.path.dirname(sys.executable), "gunicorn")
             [sys.executable, "-m", "inference_server", "prepare"],
             {"ENGINE_PORT": "0"},
             "invalid engine settings: ENGINE_PORT must be 1 or more, not 0",
+        ),
+        (
+            [sys.executable, "-m", "web.dashboard"],
+            {"REDIS_URL": "", "REDIS_PORT": "63 79"},
+            "invalid settings: REDIS_PORT must be a whole number, not '63 79'",
         ),
         (
             [sys.executable, "-m", "web.dashboard"],

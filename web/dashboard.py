@@ -44,7 +44,7 @@ def _check_credentials(username: str, password: str) -> Response | None:
 
 def refusal(env: Mapping[str, str]) -> str | None:
     """Return why the dashboard must not start with these settings, or None."""
-    host = env.get("RQ_DASHBOARD_HOST", "127.0.0.1")
+    host = env.get("RQ_DASHBOARD_HOST") or "127.0.0.1"
     has_credentials = bool(env.get("RQ_DASHBOARD_USERNAME") and env.get("RQ_DASHBOARD_PASSWORD"))
     if not has_credentials and host not in LOOPBACK:
         return (
@@ -56,12 +56,15 @@ def refusal(env: Mapping[str, str]) -> str | None:
 
 def main() -> None:
     """Check the settings, then replace this process with gunicorn serving the dashboard."""
+    env = os.environ
     with contract.settings_checked():
-        reason = refusal(os.environ)
+        reason = refusal(env)
         if reason:
             raise contract.SettingsError(reason)
+        contract.redis_url(env)  # read again by `create_dashboard` under gunicorn, where an error is a traceback
+        port = contract.env_int(env, "RQ_DASHBOARD_PORT", 9181, minimum=1)
         contract.bind_to_service_cpus()  # gunicorn, started in its place, keeps it
-    bind = f"{os.environ.get('RQ_DASHBOARD_HOST', '127.0.0.1')}:{os.environ.get('RQ_DASHBOARD_PORT', '9181')}"
+    bind = f"{env.get('RQ_DASHBOARD_HOST') or '127.0.0.1'}:{port}"
     gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
     os.execv(gunicorn, [gunicorn, "--workers", "1", "--bind", bind, "web.dashboard:create_dashboard()"])
 

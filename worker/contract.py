@@ -207,11 +207,10 @@ def env_int(env: Mapping[str, str], name: str, default: int, minimum: int | None
 
 
 def env_float(env: Mapping[str, str], name: str, default: float, *, positive: bool = False) -> float:
-    """Read a numeric setting (`0.25`, `10`); unset or empty gives `default`. It may not be negative, nor 0 if
-    `positive`.
+    """Read a numeric setting (`0.25`, `10`); unset or empty gives `default`.
 
     Raises:
-        SettingsError: for anything else, naming the variable.
+        SettingsError: for anything else, a negative value, or 0 if `positive`, naming the variable.
     """
     value = _env_number(env, name, default, float, "a number")
     if value < 0 or (positive and value == 0):
@@ -254,12 +253,17 @@ def host_list(value: str) -> list[str]:
 
 
 def redis_url(env: Mapping[str, str] = os.environ) -> str:
-    """Return `REDIS_URL`, or one built from `REDIS_HOST`/`REDIS_PORT`/`REDIS_DB` if that is unset."""
+    """Return `REDIS_URL`, or one built from `REDIS_HOST`/`REDIS_PORT`/`REDIS_DB` if that is unset.
+
+    Raises:
+        SettingsError: for a port or database number that is not one.
+    """
     if env.get("REDIS_URL"):
         return env["REDIS_URL"]
     if env.get("REDIS_HOST") or env.get("REDIS_PORT"):
-        host = env.get("REDIS_HOST", "127.0.0.1")
-        return f"redis://{host}:{env.get('REDIS_PORT', '6379')}/{env.get('REDIS_DB', '0')}"
+        host = env.get("REDIS_HOST") or "127.0.0.1"
+        port = env_int(env, "REDIS_PORT", 6379, minimum=1)
+        return f"redis://{host}:{port}/{env_int(env, 'REDIS_DB', 0, minimum=0)}"
     return DEFAULT_REDIS_URL
 
 
