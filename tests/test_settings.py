@@ -65,6 +65,13 @@ def test_the_redis_url_is_built_from_its_parts_when_not_given(env, url):
     assert contract.redis_url(env) == url
 
 
+@pytest.mark.parametrize(
+    ("value", "level"), [(None, "INFO"), ("", "INFO"), (" debug ", "DEBUG"), ("Warning", "WARNING")]
+)
+def test_the_log_level_is_read_in_any_case(value, level):
+    assert contract.log_level({} if value is None else {"LOG_LEVEL": value}) == level
+
+
 def test_a_default_max_tokens_over_max_new_tokens_is_refused():
     with pytest.raises(
         contract.SettingsError, match=r"DEFAULT_MAX_TOKENS \(2000\) may not be more than MAX_NEW_TOKENS"
@@ -98,6 +105,11 @@ GUNICORN = os.path.join(os.path.dirname(sys.executable), "gunicorn")
             [sys.executable, "-m", "worker.webhooks"],
             {"WEBHOOK_TIMEOUT": "10s"},
             "invalid settings: WEBHOOK_TIMEOUT must be a number, not '10s'",
+        ),
+        (
+            [sys.executable, "-m", "worker.webhooks"],
+            {"LOG_LEVEL": "loud"},
+            "invalid settings: LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not 'loud'",
         ),
         (
             [sys.executable, "-m", "worker.webhooks"],

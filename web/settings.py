@@ -38,7 +38,7 @@ def config_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
         "API_KEYS": [key.strip() for key in env.get("API_KEYS", "").split(",") if key.strip()],
         "REDIS_URL": contract.redis_url(env),
         "ENGINE_URL": env.get("ENGINE_URL") or contract.DEFAULT_ENGINE_URL,
-        "ENGINE_HEALTH_PATH": env.get("ENGINE_HEALTH_PATH", "/health"),
+        "ENGINE_HEALTH_PATH": env.get("ENGINE_HEALTH_PATH") or "/health",
         "DEFAULT_MAX_TOKENS": contract.env_int(env, "DEFAULT_MAX_TOKENS", DEFAULT_MAX_TOKENS, minimum=1),
         "MAX_NEW_TOKENS": contract.env_int(env, "MAX_NEW_TOKENS", MAX_NEW_TOKENS, minimum=1),
         "MAX_PROMPT_CHARS": contract.env_int(env, "MAX_PROMPT_CHARS", MAX_PROMPT_CHARS, minimum=1),
@@ -56,7 +56,7 @@ def config_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
         "WEBHOOK_ALLOW_PRIVATE": contract.flag(env.get("WEBHOOK_ALLOW_PRIVATE")),
         "WEBHOOK_SECRET_SET": bool(env.get("WEBHOOK_SECRET")),
         "LOG_DIR": env.get("LOG_DIR") or contract.DEFAULT_LOG_DIR,
-        "LOG_LEVEL": env.get("LOG_LEVEL", "INFO").upper(),
+        "LOG_LEVEL": contract.log_level(env),
     }
     if config["DEFAULT_MAX_TOKENS"] > config["MAX_NEW_TOKENS"]:
         raise contract.SettingsError(

@@ -231,6 +231,21 @@ def _env_number(env: Mapping[str, str], name: str, default: Any, kind: type, wha
     return number
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(env: Mapping[str, str] = os.environ) -> str:
+    """Read LOG_LEVEL (any case; unset or empty: INFO).
+
+    Raises:
+        SettingsError: for a level that is not one of LOG_LEVELS.
+    """
+    level = (env.get("LOG_LEVEL") or "INFO").strip().upper()
+    if level not in LOG_LEVELS:
+        raise SettingsError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {env['LOG_LEVEL']!r}")
+    return level
+
+
 @contextlib.contextmanager
 def settings_checked() -> Iterator[None]:
     """Around a process's start: a SettingsError raised inside ends the process with status 2 and one line on

@@ -82,5 +82,5 @@ class WorkerSettings:
             result_ttl=contract.env_int(env, "RESULT_TTL", contract.DEFAULT_RESULT_TTL, minimum=1),
             log_prompts=contract.flag(env.get("LOG_PROMPTS")),
             log_dir=env.get("LOG_DIR") or contract.DEFAULT_LOG_DIR,
-            log_level=env.get("LOG_LEVEL", "INFO").upper(),
+            log_level=contract.log_level(env),
         )

@@ -151,8 +151,8 @@ def main() -> None:
     """Work the webhook queue with WEBHOOK_WORKERS processes until SIGTERM/SIGINT."""
     with contract.settings_checked():
         settings = WebhookSettings.from_env()
+        log_level = contract.log_level()
         contract.bind_to_service_cpus()
-    log_level = os.environ.get("LOG_LEVEL", "INFO").upper()
     contract.configure_logging(os.environ.get("LOG_DIR") or contract.DEFAULT_LOG_DIR, log_level)
     if not settings.allowed_hosts:
         logger.info("WEBHOOK_ALLOWED_HOSTS is empty: the API refuses callback_url, nothing will be delivered")
