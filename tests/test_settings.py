@@ -113,6 +113,11 @@ GUNICORN = os.path.join(os.path.dirname(sys.executable), "gunicorn")
         ),
         (
             [sys.executable, "-m", "worker.webhooks"],
+            {"REDIS_URL": "", "REDIS_HOST": "127.0.0.1", "REDIS_DB": "first"},
+            "invalid settings: REDIS_DB must be a whole number, not 'first'",
+        ),
+        (
+            [sys.executable, "-m", "worker.webhooks"],
             {"WEBHOOK_WORKERS": "0"},
             "invalid settings: WEBHOOK_WORKERS must be 1 or more, not 0",
         ),

@@ -152,6 +152,7 @@ def main() -> None:
     with contract.settings_checked():
         settings = WebhookSettings.from_env()
         log_level = contract.log_level()
+        redis_url = contract.redis_url()
         contract.bind_to_service_cpus()
     contract.configure_logging(os.environ.get("LOG_DIR") or contract.DEFAULT_LOG_DIR, log_level)
     if not settings.allowed_hosts:
@@ -160,7 +161,7 @@ def main() -> None:
         logger.warning("WEBHOOK_SECRET is empty: webhooks are sent with a signature anyone can forge")
     pool = WorkerPool(
         [contract.QUEUE_WEBHOOKS],
-        connection=Redis.from_url(contract.redis_url()),
+        connection=Redis.from_url(redis_url),
         num_workers=settings.workers,
         worker_class=SimpleWorker,
     )
