@@ -13,32 +13,27 @@ from tests.conftest import ROOT
 from web.settings import config_from_env
 from worker import contract
 
+INT, FLOAT = contract.env_int, contract.env_float
+
 
 @pytest.mark.parametrize(
-    ("value", "read"),
-    [(None, 7), ("", 7), (" 12 ", 12), ("-3", -3)],
+    ("read", "value", "expected"),
+    [(INT, None, 7), (INT, "", 7), (INT, " 12 ", 12), (INT, "-3", -3), (FLOAT, "", 7), (FLOAT, "0.5", 0.5)],
 )
-def test_whole_numbers_are_read_and_unset_or_empty_gives_the_default(value, read):
+def test_numbers_are_read_and_unset_or_empty_gives_the_default(read, value, expected):
     env = {} if value is None else {"SOME_SETTING": value}
-    assert contract.env_int(env, "SOME_SETTING", 7) == read
+    assert read(env, "SOME_SETTING", 7) == expected
 
 
-@pytest.mark.parametrize("value", ["x", "1.5", "1e3", "12 s"])
-def test_a_whole_number_setting_refuses_anything_else_by_name(value):
-    with pytest.raises(contract.SettingsError, match=f"SOME_SETTING must be a whole number, not '{value}'"):
-        contract.env_int({"SOME_SETTING": value}, "SOME_SETTING", 7)
-
-
-@pytest.mark.parametrize(("value", "read"), [(None, 0.25), ("", 0.25), ("0.5", 0.5), ("10", 10.0)])
-def test_numbers_are_read_and_unset_or_empty_gives_the_default(value, read):
-    env = {} if value is None else {"SOME_SETTING": value}
-    assert contract.env_float(env, "SOME_SETTING", 0.25) == read
-
-
-@pytest.mark.parametrize("value", ["0,5", "nan", "inf", "-inf"])
-def test_a_number_setting_refuses_anything_else_by_name(value):
-    with pytest.raises(contract.SettingsError, match=f"SOME_SETTING must be a number, not '{value}'"):
-        contract.env_float({"SOME_SETTING": value}, "SOME_SETTING", 0.25)
+@pytest.mark.parametrize(
+    ("read", "value", "what"),
+    [(INT, "x", "a whole number"), (INT, "1.5", "a whole number"), (INT, "1e3", "a whole number")]
+    + [(INT, "12 s", "a whole number"), (FLOAT, "0,5", "a number"), (FLOAT, "nan", "a number")]
+    + [(FLOAT, "inf", "a number"), (FLOAT, "-inf", "a number")],
+)
+def test_a_number_setting_refuses_anything_else_by_name(read, value, what):
+    with pytest.raises(contract.SettingsError, match=f"SOME_SETTING must be {what}, not '{value}'"):
+        read({"SOME_SETTING": value}, "SOME_SETTING", 7)
 
 
 def test_settings_below_their_least_value_are_refused_by_name():
@@ -90,67 +85,35 @@ def started(argv: list[str], **settings: str) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
-GUNICORN = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+WORKERS = [sys.executable, "-m", "worker"]
+WEBHOOKS = [sys.executable, "-m", "worker.webhooks"]
+ENGINE = [sys.executable, "-m", "inference_server", "prepare"]
+DASHBOARD = [sys.executable, "-m", "web.dashboard"]
+WEB = [  # as the Procfile starts it
+    os.path.join(os.path.dirname(sys.executable), "gunicorn"),
+    *("--worker-class", "gevent", "--bind", "127.0.0.1:0", "--preload", "web:create_app()"),
+]
+NO_CREDENTIALS = {"RQ_DASHBOARD_HOST": "0.0.0.0", "RQ_DASHBOARD_USERNAME": "", "RQ_DASHBOARD_PASSWORD": ""}
 
 
 @pytest.mark.parametrize(
     ("argv", "settings", "line"),
     [
+        (WORKERS, {"WORKER_THREADS": "eight"}, "invalid settings: WORKER_THREADS must be a whole number, not 'eight'"),
+        (WEBHOOKS, {"WEBHOOK_TIMEOUT": "10s"}, "invalid settings: WEBHOOK_TIMEOUT must be a number, not '10s'"),
+        (WEBHOOKS, {"LOG_LEVEL": "loud"}, "invalid settings: LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR"),
         (
-            [sys.executable, "-m", "worker"],
-            {"WORKER_THREADS": "eight"},
-            "invalid settings: WORKER_THREADS must be a whole number, not 'eight'",
-        ),
-        (
-            [sys.executable, "-m", "worker.webhooks"],
-            {"WEBHOOK_TIMEOUT": "10s"},
-            "invalid settings: WEBHOOK_TIMEOUT must be a number, not '10s'",
-        ),
-        (
-            [sys.executable, "-m", "worker.webhooks"],
-            {"LOG_LEVEL": "loud"},
-            "invalid settings: LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not 'loud'",
-        ),
-        (
-            [sys.executable, "-m", "worker.webhooks"],
+            WEBHOOKS,
             {"REDIS_URL": "", "REDIS_HOST": "127.0.0.1", "REDIS_DB": "first"},
             "invalid settings: REDIS_DB must be a whole number, not 'first'",
         ),
-        (
-            [sys.executable, "-m", "worker.webhooks"],
-            {"WEBHOOK_WORKERS": "0"},
-            "invalid settings: WEBHOOK_WORKERS must be 1 or more, not 0",
-        ),
-        (
-            [sys.executable, "-m", "inference_server", "prepare"],
-            {"ENGINE_PORT": "0"},
-            "invalid engine settings: ENGINE_PORT must be 1 or more, not 0",
-        ),
-        (
-            [sys.executable, "-m", "web.dashboard"],
-            {"REDIS_URL": "", "REDIS_PORT": "63 79"},
-            "invalid settings: REDIS_PORT must be a whole number, not '63 79'",
-        ),
-        (
-            [sys.executable, "-m", "web.dashboard"],
-            {"SERVICE_CPUS": "one"},
-            "invalid settings: SERVICE_CPUS: 'one' is not a list of CPUs",
-        ),
-        (
-            [sys.executable, "-m", "web.dashboard"],
-            {"RQ_DASHBOARD_HOST": "0.0.0.0", "RQ_DASHBOARD_USERNAME": "", "RQ_DASHBOARD_PASSWORD": ""},
-            "invalid settings: refusing to serve rq-dashboard on 0.0.0.0 without credentials",
-        ),
-        (  # as the Procfile starts the web
-            [GUNICORN, "--worker-class", "gevent", "--bind", "127.0.0.1:0", "--preload", "web:create_app()"],
-            {"MAX_BATCH": "many"},
-            "invalid settings: MAX_BATCH must be a whole number, not 'many'",
-        ),
-        (
-            [GUNICORN, "--worker-class", "gevent", "--bind", "127.0.0.1:0", "--preload", "web:create_app()"],
-            {"SERVICE_CPUS": "0-4095"},
-            "invalid settings: SERVICE_CPUS=0-4095 names CPUs this process may not use",
-        ),
+        (WEBHOOKS, {"WEBHOOK_WORKERS": "0"}, "invalid settings: WEBHOOK_WORKERS must be 1 or more, not 0"),
+        (ENGINE, {"ENGINE_PORT": "0"}, "invalid engine settings: ENGINE_PORT must be 1 or more, not 0"),
+        (DASHBOARD, {"REDIS_URL": "", "REDIS_PORT": "63 79"}, "REDIS_PORT must be a whole number, not '63 79'"),
+        (DASHBOARD, {"SERVICE_CPUS": "one"}, "invalid settings: SERVICE_CPUS: 'one' is not a list of CPUs"),
+        (DASHBOARD, NO_CREDENTIALS, "invalid settings: refusing to serve rq-dashboard on 0.0.0.0 without credentials"),
+        (WEB, {"MAX_BATCH": "many"}, "invalid settings: MAX_BATCH must be a whole number, not 'many'"),
+        (WEB, {"SERVICE_CPUS": "0-4095"}, "invalid settings: SERVICE_CPUS=0-4095 names CPUs this process may not use"),
     ],
 )
 def test_a_process_with_a_bad_setting_stops_with_one_line_naming_it(argv, settings, line):
