@@ -42,9 +42,14 @@ def _check_credentials(username: str, password: str) -> Response | None:
     return None
 
 
+def dashboard_host(env: Mapping[str, str]) -> str:
+    """The address the dashboard is served on: RQ_DASHBOARD_HOST, loopback if unset or empty."""
+    return env.get("RQ_DASHBOARD_HOST") or "127.0.0.1"
+
+
 def refusal(env: Mapping[str, str]) -> str | None:
     """Return why the dashboard must not start with these settings, or None."""
-    host = env.get("RQ_DASHBOARD_HOST") or "127.0.0.1"
+    host = dashboard_host(env)
     has_credentials = bool(env.get("RQ_DASHBOARD_USERNAME") and env.get("RQ_DASHBOARD_PASSWORD"))
     if not has_credentials and host not in LOOPBACK:
         return (
@@ -64,7 +69,7 @@ def main() -> None:
         contract.redis_url(env)  # read again by `create_dashboard` under gunicorn, where an error is a traceback
         port = contract.env_int(env, "RQ_DASHBOARD_PORT", 9181, minimum=1)
         contract.bind_to_service_cpus()  # gunicorn, started in its place, keeps it
-    bind = f"{env.get('RQ_DASHBOARD_HOST') or '127.0.0.1'}:{port}"
+    bind = f"{dashboard_host(env)}:{port}"
     gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
     os.execv(gunicorn, [gunicorn, "--workers", "1", "--bind", bind, "web.dashboard:create_dashboard()"])
 

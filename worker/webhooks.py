@@ -44,6 +44,9 @@ class WebhookSettings:
     allow_private: bool
     timeout: float  # seconds
     workers: int
+    redis_url: str
+    log_dir: str
+    log_level: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WebhookSettings:
@@ -53,6 +56,9 @@ class WebhookSettings:
             allow_private=contract.flag(env.get("WEBHOOK_ALLOW_PRIVATE")),
             timeout=contract.env_float(env, "WEBHOOK_TIMEOUT", 10.0, positive=True),
             workers=contract.env_int(env, "WEBHOOK_WORKERS", 2, minimum=1),
+            redis_url=contract.redis_url(env),
+            log_dir=env.get("LOG_DIR") or contract.DEFAULT_LOG_DIR,
+            log_level=contract.log_level(env),
         )
 
 
@@ -151,21 +157,19 @@ def main() -> None:
     """Work the webhook queue with WEBHOOK_WORKERS processes until SIGTERM/SIGINT."""
     with contract.settings_checked():
         settings = WebhookSettings.from_env()
-        log_level = contract.log_level()
-        redis_url = contract.redis_url()
         contract.bind_to_service_cpus()
-    contract.configure_logging(os.environ.get("LOG_DIR") or contract.DEFAULT_LOG_DIR, log_level)
+    contract.configure_logging(settings.log_dir, settings.log_level)
     if not settings.allowed_hosts:
         logger.info("WEBHOOK_ALLOWED_HOSTS is empty: the API refuses callback_url, nothing will be delivered")
     elif not settings.secret:
         logger.warning("WEBHOOK_SECRET is empty: webhooks are sent with a signature anyone can forge")
     pool = WorkerPool(
         [contract.QUEUE_WEBHOOKS],
-        connection=Redis.from_url(redis_url),
+        connection=Redis.from_url(settings.redis_url),
         num_workers=settings.workers,
         worker_class=SimpleWorker,
     )
-    pool.start(logging_level=log_level)
+    pool.start(logging_level=settings.log_level)
 
 
 if __name__ == "__main__":
