@@ -64,7 +64,7 @@ class EngineSettings:
             model=env.get("MODEL_NAME", ""),
             served_model_name=env.get("SERVED_MODEL_NAME") or "local-llm",
             host=env.get("ENGINE_HOST", "127.0.0.1"),
-            port=contract.env_int(env, "ENGINE_PORT", 8001, minimum=1),
+            port=contract.env_port(env, "ENGINE_PORT", 8001),
             max_model_len=contract.env_int(env, "MAX_MODEL_LEN", DEFAULT_MAX_MODEL_LEN[profile], minimum=1),
             http_keepalive=contract.env_int(env, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", DEFAULT_HTTP_KEEPALIVE, minimum=1),
             kvcache_space=contract.env_int(env, "VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_SPACE, minimum=1),

@@ -40,6 +40,11 @@ def test_settings_below_their_least_value_are_refused_by_name():
     assert contract.env_int({"SOME_SETTING": "1"}, "SOME_SETTING", 7, minimum=1) == 1
     with pytest.raises(contract.SettingsError, match="SOME_SETTING must be 1 or more, not 0"):
         contract.env_int({"SOME_SETTING": "0"}, "SOME_SETTING", 7, minimum=1)
+    with pytest.raises(contract.SettingsError, match="SOME_SETTING must be 10 or less, not 11"):
+        contract.env_int({"SOME_SETTING": "11"}, "SOME_SETTING", 7, minimum=1, maximum=10)
+    assert contract.env_port({"SOME_PORT": "65535"}, "SOME_PORT", 80) == 65535
+    with pytest.raises(contract.SettingsError, match="SOME_PORT must be 65535 or less, not 65536"):
+        contract.env_port({"SOME_PORT": "65536"}, "SOME_PORT", 80)
     assert contract.env_float({"SOME_SETTING": "0"}, "SOME_SETTING", 0.25) == 0
     with pytest.raises(contract.SettingsError, match="SOME_SETTING must be 0 or more, not -0.5"):
         contract.env_float({"SOME_SETTING": "-0.5"}, "SOME_SETTING", 0.25)
@@ -109,7 +114,9 @@ NO_CREDENTIALS = {"RQ_DASHBOARD_HOST": "0.0.0.0", "RQ_DASHBOARD_USERNAME": "", "
         ),
         (WEBHOOKS, {"WEBHOOK_WORKERS": "0"}, "invalid settings: WEBHOOK_WORKERS must be 1 or more, not 0"),
         (ENGINE, {"ENGINE_PORT": "0"}, "invalid engine settings: ENGINE_PORT must be 1 or more, not 0"),
+        (ENGINE, {"ENGINE_PORT": "80010"}, "invalid engine settings: ENGINE_PORT must be 65535 or less, not 80010"),
         (DASHBOARD, {"REDIS_URL": "", "REDIS_PORT": "63 79"}, "REDIS_PORT must be a whole number, not '63 79'"),
+        (DASHBOARD, {"RQ_DASHBOARD_PORT": "91810"}, "invalid settings: RQ_DASHBOARD_PORT must be 65535 or less"),
         (DASHBOARD, {"SERVICE_CPUS": "one"}, "invalid settings: SERVICE_CPUS: 'one' is not a list of CPUs"),
         (DASHBOARD, NO_CREDENTIALS, "invalid settings: refusing to serve rq-dashboard on 0.0.0.0 without credentials"),
         (WEB, {"MAX_BATCH": "many"}, "invalid settings: MAX_BATCH must be a whole number, not 'many'"),

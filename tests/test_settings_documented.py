@@ -8,7 +8,7 @@ from tests.conftest import ROOT
 
 READ = re.compile(
     r"""env(?:iron)?\.get\(\s*["']([A-Z][A-Z0-9_]+)["']|env\[["']([A-Z][A-Z0-9_]+)["']\](?!\s*=[^=])"""
-    r"""|env_(?:int|float)\(\s*\w+,\s*["']([A-Z][A-Z0-9_]+)["']"""
+    r"""|env_(?:int|float|port)\(\s*\w+,\s*["']([A-Z][A-Z0-9_]+)["']"""
 )
 PROCFILE_READ = re.compile(r"\$\{([A-Z][A-Z0-9_]+)")
 SAMPLE = re.compile(r"^([A-Z][A-Z0-9_]+)=", re.MULTILINE)

@@ -67,7 +67,7 @@ def main() -> None:
         if reason:
             raise contract.SettingsError(reason)
         contract.redis_url(env)  # read again by `create_dashboard` under gunicorn, where an error is a traceback
-        port = contract.env_int(env, "RQ_DASHBOARD_PORT", 9181, minimum=1)
+        port = contract.env_port(env, "RQ_DASHBOARD_PORT", 9181)
         contract.bind_to_service_cpus()  # gunicorn, started in its place, keeps it
     bind = f"{dashboard_host(env)}:{port}"
     gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")

@@ -194,16 +194,25 @@ class SettingsError(ValueError):
     """An environment variable has a value the service cannot run with; the message names it."""
 
 
-def env_int(env: Mapping[str, str], name: str, default: int, minimum: int | None = None) -> int:
+def env_int(
+    env: Mapping[str, str], name: str, default: int, minimum: int | None = None, maximum: int | None = None
+) -> int:
     """Read a whole-number setting; unset or empty gives `default`.
 
     Raises:
-        SettingsError: for anything else, or for a value under `minimum`, naming the variable.
+        SettingsError: for anything else, or for a value under `minimum` or over `maximum`, naming the variable.
     """
     value = _env_number(env, name, default, int, "a whole number")
     if minimum is not None and value < minimum:
         raise SettingsError(f"{name} must be {minimum} or more, not {value}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name} must be {maximum} or less, not {value}")
     return value
+
+
+def env_port(env: Mapping[str, str], name: str, default: int) -> int:
+    """Read a TCP port setting (1..65535); unset or empty gives `default`."""
+    return env_int(env, name, default, minimum=1, maximum=65535)
 
 
 def env_float(env: Mapping[str, str], name: str, default: float, *, positive: bool = False) -> float:
@@ -277,7 +286,7 @@ def redis_url(env: Mapping[str, str] = os.environ) -> str:
         return env["REDIS_URL"]
     if env.get("REDIS_HOST") or env.get("REDIS_PORT"):
         host = env.get("REDIS_HOST") or "127.0.0.1"
-        port = env_int(env, "REDIS_PORT", 6379, minimum=1)
+        port = env_port(env, "REDIS_PORT", 6379)
         return f"redis://{host}:{port}/{env_int(env, 'REDIS_DB', 0, minimum=0)}"
     return DEFAULT_REDIS_URL
 
