@@ -15,7 +15,7 @@ from loguru import logger
 from tests.conftest import KEY, SERVED_MODEL, free_port, run_worker, wait_until
 from tests.stand_in_engine import CONTEXT_ERROR, StandInEngine
 from web import create_app
-from worker import jobs
+from worker import contract, jobs
 from worker.engine import EngineClient, build_request
 from worker.exceptions import EngineUnavailable
 from worker.pool import ShutdownSignals
@@ -119,6 +119,20 @@ def test_a_held_line_for_a_job_taken_is_written_when_the_next_one_is_held():
         _taken.holding = False
     release_taken_line()
     assert written == ["Worker w1: llm-normal: first", "Worker w1: llm-normal: second"]
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_rq_registry_sweeps_are_logged_at_debug_only(tmp_path, redis_conn, worker_env, level):
+    """RQ writes a line per queue at each sweep, every MAINTENANCE_INTERVAL; at INFO they would fill app.log."""
+    folder = tmp_path / level
+    contract.configure_logging(folder, level)
+    run_worker(redis_conn)  # a worker sweeps the registries as it starts
+    logger.complete()
+    sweeps = [line for line in (folder / "app.log").read_text().splitlines() if "cleaning registries" in line]
+    if level == "INFO":
+        assert sweeps == []
+    else:
+        assert len(sweeps) == len(contract.QUEUES) and all("| DEBUG " in line for line in sweeps), sweeps
 
 
 def test_a_stop_signal_that_comes_while_the_last_is_handled_is_taken_as_its_repeat():

@@ -496,11 +496,20 @@ def configure_logging(log_dir: str | Path, level: str = "INFO") -> None:
     # httpx's request line per webhook delivery repeats the delivery's own log line, and RQ's two "job OK"
     # lines repeat what the request log says, at a cost per job; RQ's line for each job taken stays in app.log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("rq.worker").addFilter(_not_per_job_success)
+    logging.getLogger("rq.worker").addFilter(_quieter_rq_worker)
 
 
-def _not_per_job_success(record: logging.LogRecord) -> bool:
+RQ_SWEEP_LINES = ("Worker %s: cleaning registries for queue: %s", "Worker %s: cleaning group registries")
+"""RQ's lines for each registry sweep (every MAINTENANCE_INTERVAL, a line per queue): written at DEBUG, not INFO."""
+
+
+def _quieter_rq_worker(record: logging.LogRecord) -> bool:
     message = str(record.msg)
+    if message in RQ_SWEEP_LINES:
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
     if message.startswith("Successfully completed"):
         return False
     return not (message == "Worker %s: %s: %s (%s)" and "Job OK" in str(record.args[2]))
