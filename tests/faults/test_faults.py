@@ -200,6 +200,44 @@ def test_redis_restart_keeps_every_queued_job(sig, tmp_path, app_config, start_p
     )
 
 
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_redis_restart_while_jobs_run_ends_every_job_once(sig, tmp_path, app_config, start_pool, stand_in):
+    """Redis goes away while 4 jobs run and is back 4 s later, after their engine requests have ended."""
+    port, folder = free_port(), tmp_path / "redis"
+    folder.mkdir()
+    redis_process = start_redis(folder, port)
+    url, logs = f"redis://127.0.0.1:{port}/0", tmp_path / "pool-logs"
+    try:
+        client = create_app({**app_config, "REDIS_URL": url}).test_client()
+        start_pool(concurrency=4, REDIS_URL=url, LOG_DIR=str(logs))
+        prompts = [f"stand-in:sleep=4 {uuid.uuid4()}" for _ in range(4)]
+        ids = [submit(client, prompt) for prompt in prompts]
+        wait_until(lambda: {status(client, task_id) for task_id in ids} == {"processing"}, 20, "the 4 jobs to start")
+        time.sleep(1.5)  # the start transactions are in the append-only file (fsync every second)
+        stop(redis_process, sig)
+        time.sleep(4)
+        redis_process = start_redis(folder, port)
+        back = time.monotonic()
+        conn = Redis.from_url(url)
+        finished = [(task_id, wait_finished(client, task_id, 120)) for task_id in ids]
+        recovered = time.monotonic() - back
+        assert {task_id: body["status"] for task_id, body in finished} == dict.fromkeys(ids, "completed")
+        for task_id in ids:
+            job = Job.fetch(task_id, connection=conn)
+            assert [result.type for result in job.results()] == [Result.Type.SUCCESSFUL]
+            wait_until(lambda: success_lines(logs, task_id) >= 1, 5, "the request-log line")  # noqa: B023
+        time.sleep(0.5)
+        assert [success_lines(logs, task_id) for task_id in ids] == [1, 1, 1, 1]
+        app_log = (logs / "app.log").read_text()  # the first attempts ended while Redis was away
+        assert all(f"job {task_id} attempt 1 failed (worker_died" in app_log for task_id in ids)
+    finally:
+        if redis_process.poll() is None:
+            stop(redis_process)
+    name = signal.Signals(sig).name
+    MEASURED[f"Redis {name} while 4 jobs run, back 4 s later -> all completed once"] = f"{recovered:.1f} s"
+
+
 @pytest.mark.timeout(120)
 def test_gunicorn_reload_loses_no_submitted_job(fault_redis_url, fault_conn, stand_in, tmp_path):
     port = free_port()
