@@ -12,6 +12,7 @@ from inference_server.settings import EngineSettings
 from tests.conftest import ROOT
 from web.settings import config_from_env
 from worker import contract
+from worker.settings import WorkerSettings
 
 INT, FLOAT = contract.env_int, contract.env_float
 
@@ -83,6 +84,14 @@ def test_a_default_max_tokens_over_max_new_tokens_is_refused():
 def test_a_gpu_memory_fraction_over_1_is_refused():
     with pytest.raises(contract.SettingsError, match="GPU_MEMORY_UTILIZATION is a fraction, at most 1, not 90"):
         EngineSettings.from_env({"MODEL_DEVICE": "cuda", "GPU_MEMORY_UTILIZATION": "90"})
+
+
+@pytest.mark.parametrize(("grace", "waited", "retries"), [("", 7.5, 10), ("4", 2.5, 5), ("0", 0, 0)])
+def test_a_worker_waits_out_a_redis_outage_shorter_than_its_heartbeat_grace(grace, waited, retries):
+    wait = WorkerSettings.from_env({"HEARTBEAT_GRACE": grace}).redis_outage_wait
+    retry = contract.redis_retry(wait)
+    assert retry.get_retries() == retries
+    assert sum(retry._backoff.compute(failures) for failures in range(1, retries + 1)) == pytest.approx(waited)
 
 
 def started(argv: list[str], **settings: str) -> subprocess.CompletedProcess:

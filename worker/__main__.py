@@ -39,7 +39,7 @@ def main() -> None:
     )
     pool = ThreadedWorkerPool(
         contract.QUEUES,
-        connection=Redis.from_url(settings.redis_url),
+        connection=Redis.from_url(settings.redis_url, retry=contract.redis_retry(settings.redis_outage_wait)),
         num_workers=processes,
         threads=threads,
         worker_class=EngineWorker,

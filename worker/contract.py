@@ -20,6 +20,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from loguru import logger
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 # --- Defaults shared by every process (units in the docstrings) -------------------------
 
@@ -436,6 +438,26 @@ def job_metrics(
 
 def _round(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 4)
+
+
+# --- Redis outages ----------------------------------------------------------------------
+
+REDIS_OUTAGE_WAIT = 7.5
+"""Seconds of Redis outage (a restart, say) a worker waits out, retrying, before its command fails."""
+
+
+def redis_retry(seconds: float) -> Retry:
+    """redis-py's retries for a connection that waits out a Redis outage of about `seconds`.
+
+    The waits start at 0.1 s and double up to 1 s; as many as fit in `seconds` (none for 0). A command that
+    fails on a lost connection is sent again once Redis answers, so a job running through a Redis restart keeps
+    its text instead of being run again.
+    """
+    backoff, retries, waited = ExponentialBackoff(cap=1.0, base=0.05), 0, 0.0
+    while waited + backoff.compute(retries + 1) <= seconds:
+        retries += 1
+        waited += backoff.compute(retries)
+    return Retry(backoff, retries)
 
 
 # --- Logging: the same files for every process ------------------------------------------

@@ -9,6 +9,8 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
 from rq.exceptions import AbandonedJobError
 from rq.job import Job
@@ -49,6 +51,9 @@ ERROR_TYPES: dict[type[BaseException], str] = {
     SystemExit: contract.ERROR_WORKER_DIED,  # RQ's cold shutdown raises it inside the running job
     WorkerShutDown: contract.ERROR_WORKER_DIED,  # the same, for a worker in a thread (worker/pool.py)
     JobCancelled: contract.ERROR_CANCELLED,
+    # Redis still away after the worker's connection waited it out (contract.redis_retry): tried again at once.
+    RedisConnectionError: contract.ERROR_WORKER_DIED,
+    RedisTimeoutError: contract.ERROR_WORKER_DIED,
 }
 MAX_RETRY_DELAY = 30  # seconds
 PENDING_TEXT = "_pending_text"
@@ -253,6 +258,8 @@ def on_failure(
         message = "the worker running the job died"
     elif exc_type in (SystemExit, WorkerShutDown):
         message = "the worker running the job was shut down"
+    elif issubclass(exc_type, (RedisConnectionError, RedisTimeoutError)):
+        message = f"the worker running the job lost Redis ({message})"
     if error_type == contract.ERROR_ENGINE_UNAVAILABLE:
         connection.set(contract.ENGINE_DOWN_KEY, job.id)  # every worker waits for the engine before its next job
     if error_type not in contract.RETRYABLE_ERRORS:

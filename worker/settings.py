@@ -54,6 +54,12 @@ class WorkerSettings:
     log_dir: str
     log_level: str
 
+    @property
+    def redis_outage_wait(self) -> float:
+        """Seconds of Redis outage a worker waits out: `contract.REDIS_OUTAGE_WAIT`, or less with a short
+        HEARTBEAT_GRACE, so that Redis is back well before a running job's heartbeat could count as expired."""
+        return min(contract.REDIS_OUTAGE_WAIT, 0.75 * self.heartbeat_grace)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WorkerSettings:
         """Read every worker setting from `env`, with the defaults listed in .env.sample."""

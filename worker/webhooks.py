@@ -165,7 +165,7 @@ def main() -> None:
         logger.warning("WEBHOOK_SECRET is empty: webhooks are sent with a signature anyone can forge")
     pool = WorkerPool(
         [contract.QUEUE_WEBHOOKS],
-        connection=Redis.from_url(settings.redis_url),
+        connection=Redis.from_url(settings.redis_url, retry=contract.redis_retry(contract.REDIS_OUTAGE_WAIT)),
         num_workers=settings.workers,
         worker_class=SimpleWorker,
     )
