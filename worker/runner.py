@@ -30,6 +30,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from loguru import logger
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.callbacks import execute_failure_callback
 from rq.exceptions import AbandonedJobError, DequeueTimeout
 from rq.executions import Execution
@@ -98,6 +100,10 @@ fetch after a take reads, and the cancel mark, without a round trip of their own
 """
 
 
+_thread_worker = threading.local()
+"""`worker`: the EngineWorker waiting for a job in this thread, for `EngineQueue.dequeue_any`; None otherwise."""
+
+
 class EngineQueue(Queue):
     """RQ's Queue whose `dequeue_any` moves the job it takes from any of several queues atomically, and reads it."""
 
@@ -116,11 +122,16 @@ class EngineQueue(Queue):
         """Take the first job of the first non-empty queue with its data (TAKE_SCRIPT); when all are empty,
         wait up to `timeout` seconds for a wake entry (contract.WAKE_KEY) and look again.
 
-        Returns (job, queue) as RQ's does; a job whose hash is gone is passed over, as RQ does.
+        Returns (job, queue) as RQ's does; a job whose hash is gone is passed over, as RQ does. Returns None at
+        once for a worker asked to stop: RQ's loop tries again and again while Redis is unreachable, and this
+        ends it.
 
         Raises:
             DequeueTimeout: nothing came within `timeout` (RQ's worker loop then waits again).
         """
+        worker = getattr(_thread_worker, "worker", None)
+        if worker is not None and worker._stop_requested:
+            return None
         if cls._take is None:
             cls._take = connection.register_script(TAKE_SCRIPT)
         keys = [contract.WAKE_KEY]
@@ -189,6 +200,9 @@ class EngineWorker(SimpleWorker):
     job_class = EngineJob
     queue_class = EngineQueue
     death_penalty_class = EngineDeadline
+    # RQ's wait before it tries Redis again, doubling from 1 s (60 s at most in RQ): each try already waited out
+    # REDIS_OUTAGE_WAIT in redis-py's retries (contract.redis_retry).
+    max_connection_wait_time = 2.0
 
     def __init__(self, *args: Any, **kwargs: Any):
         settings = worker_settings()
@@ -253,8 +267,9 @@ class EngineWorker(SimpleWorker):
         Renewals with a timeout or inside a pipeline (job start, the running job's heartbeat) go through.
         """
         if pipeline is None and timeout is None:
-            if self._registered_until - time.monotonic() > self.dequeue_timeout + HEARTBEAT_MARGIN:
-                return None
+            registered_for = self._registered_until - time.monotonic()
+            if self._stop_requested or registered_for > self.dequeue_timeout + HEARTBEAT_MARGIN:
+                return None  # a worker on its way out deregisters in `teardown`
             with self.connection.pipeline(transaction=False) as pipe:
                 super().heartbeat(timeout, pipe)
                 pipe.execute()
@@ -434,12 +449,21 @@ class EngineWorker(SimpleWorker):
                 return None
             self._order_queues()
             _taken.holding = True  # RQ's line for the job it takes waits for `execute_job`
+            _thread_worker.worker = self
             try:
                 result = super().dequeue_job_and_maintain_ttl(wait, max_idle_time or wait)
             finally:
                 _taken.holding = False
+                _thread_worker.worker = None
             if result is not None or timeout is None or max_idle_time is not None:
                 return result
+
+    def teardown(self) -> None:
+        """Deregister as RQ does; with Redis unreachable, say so in one line instead of ending the thread on it."""
+        try:
+            super().teardown()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            self.log.warning("Worker %s: leaving without deregistering, Redis is unreachable (%s)", self.name, exc)
 
     def _order_queues(self) -> None:
         """Put lower-priority queues whose oldest job waited PRIORITY_AGING seconds first, else keep priority order."""
@@ -497,6 +521,12 @@ class EngineWorker(SimpleWorker):
             pipe.execute()
         outcome.file_as_cancelled(job, worker_settings().result_ttl)
         return None
+
+    @property
+    def should_run_maintenance_tasks(self) -> bool:
+        """As RQ decides, but never for a worker asked to stop: with Redis unreachable RQ's loop would try the sweep
+        again and again instead of letting the worker leave."""
+        return not self._stop_requested and super().should_run_maintenance_tasks
 
     def clean_registries(self) -> None:
         """Sweep the registries once per MAINTENANCE_INTERVAL for the whole pool, not once per worker.

@@ -252,6 +252,24 @@ def test_redis_restart_while_jobs_run_ends_every_job_once(
 
 
 @pytest.mark.timeout(120)
+def test_sigterm_stops_a_pool_whose_redis_is_gone(tmp_path, start_pool):
+    """Redis went away first (it crashed, or was stopped before the workers): a SIGTERM still stops the pool."""
+    port, folder = free_port(), tmp_path / "redis"
+    folder.mkdir()
+    redis_process = start_redis(folder, port)
+    pool = start_pool(concurrency=4, REDIS_URL=f"redis://127.0.0.1:{port}/0", LOG_DIR=str(tmp_path / "pool-logs"))
+    stop(redis_process, signal.SIGKILL)
+    time.sleep(1)
+    sent = time.monotonic()
+    os.killpg(pool.pid, signal.SIGTERM)
+    pool.wait(timeout=60)
+    took = time.monotonic() - sent
+    assert pool.returncode == 0
+    assert "leaving without deregistering, Redis is unreachable" in (tmp_path / "pool-logs" / "app.log").read_text()
+    MEASURED["SIGTERM to a pool of 4 whose Redis is gone -> pool exited"] = f"{took:.1f} s"
+
+
+@pytest.mark.timeout(120)
 def test_gunicorn_reload_loses_no_submitted_job(fault_redis_url, fault_conn, stand_in, tmp_path):
     port = free_port()
     env = {**os.environ, "REDIS_URL": fault_redis_url, "API_KEYS": KEY, "ENGINE_URL": stand_in.url,
