@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from tests.conftest import KEY, ROOT, SERVED_MODEL, wait_until
+from tests.conftest import KEY, ROOT, SERVED_MODEL, free_port, wait_until
 from web import create_app
 
 FAULT_DB = 2
@@ -107,6 +107,33 @@ def start_redis(folder: Path, port: int) -> subprocess.Popen:
 
     wait_until(answers, 20, "redis-server to answer and finish loading")
     return process
+
+
+class OwnRedis:
+    """A redis-server of the test's own (`start_redis`), which the test may kill and start again on its files."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir()
+        self.folder, self.port = folder, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = start_redis(folder, self.port)
+
+    def kill(self, sig: int) -> None:
+        stop(self.process, sig)
+
+    def start(self) -> None:
+        self.process = start_redis(self.folder, self.port)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            stop(self.process)
+
+
+@pytest.fixture
+def own_redis(tmp_path) -> Iterator[OwnRedis]:
+    redis = OwnRedis(tmp_path / "redis")
+    yield redis
+    redis.close()
 
 
 def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> float:

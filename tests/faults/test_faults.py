@@ -22,7 +22,7 @@ from rq.job import Job
 from rq.results import Result
 
 from tests.conftest import KEY, ROOT, free_port, wait_until
-from tests.faults.conftest import AUTH, MEASURED, start_redis, status, stop, submit
+from tests.faults.conftest import AUTH, MEASURED, status, stop, submit
 from tests.stand_in_engine import StandInEngine
 from web import create_app
 from worker import contract
@@ -163,37 +163,29 @@ def test_workers_wait_while_the_engine_is_down(start_pool, fault_client, fault_c
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_redis_restart_keeps_every_queued_job(sig, tmp_path, app_config, start_pool, stand_in):
-    port, folder = free_port(), tmp_path / "redis"
-    folder.mkdir()
-    redis_process = start_redis(folder, port)
-    try:
-        url = f"redis://127.0.0.1:{port}/0"
-        client = create_app({**app_config, "REDIS_URL": url}).test_client()
-        ids = [submit(client, f"durable {n}") for n in range(1000)]
+def test_redis_restart_keeps_every_queued_job(sig, tmp_path, app_config, own_redis, start_pool, stand_in):
+    client = create_app({**app_config, "REDIS_URL": own_redis.url}).test_client()
+    ids = [submit(client, f"durable {n}") for n in range(1000)]
 
-        stop(redis_process, sig)
-        restarted_at = time.monotonic()
-        redis_process = start_redis(folder, port)
-        reload_time = time.monotonic() - restarted_at
-        conn = Redis.from_url(url)
-        # FAIR_SHARE_SLOTS of the key's jobs are in the queue, the others wait their turn: all still queued.
-        assert Queue(contract.QUEUE_NORMAL, connection=conn).count == app_config.get("FAIR_SHARE_SLOTS", 8)
-        assert {status(client, task_id) for task_id in ids} == {"queued"}
+    own_redis.kill(sig)
+    restarted_at = time.monotonic()
+    own_redis.start()
+    reload_time = time.monotonic() - restarted_at
+    conn = Redis.from_url(own_redis.url)
+    # FAIR_SHARE_SLOTS of the key's jobs are in the queue, the others wait their turn: all still queued.
+    assert Queue(contract.QUEUE_NORMAL, connection=conn).count == app_config.get("FAIR_SHARE_SLOTS", 8)
+    assert {status(client, task_id) for task_id in ids} == {"queued"}
 
-        started = time.monotonic()
-        start_pool(concurrency=4, REDIS_URL=url, LOG_DIR=str(tmp_path / "pool-logs"))
-        finished = Queue(contract.QUEUE_NORMAL, connection=conn).finished_job_registry
-        wait_until(lambda: finished.count == 1000, 240, "1,000 jobs to finish", interval=0.5)
-        drained = time.monotonic() - started
-        statuses = {status(client, task_id) for task_id in ids}
-        assert statuses == {"completed"}
-        lines = (tmp_path / "pool-logs" / contract.REQUEST_LOG).read_text().splitlines()
-        done = [line.split("task_id=")[1].split()[0] for line in lines if "status=success" in line]
-        assert sorted(done) == sorted(ids)  # each job exactly once
-    finally:
-        if redis_process.poll() is None:
-            stop(redis_process)
+    started = time.monotonic()
+    start_pool(concurrency=4, REDIS_URL=own_redis.url, LOG_DIR=str(tmp_path / "pool-logs"))
+    finished = Queue(contract.QUEUE_NORMAL, connection=conn).finished_job_registry
+    wait_until(lambda: finished.count == 1000, 240, "1,000 jobs to finish", interval=0.5)
+    drained = time.monotonic() - started
+    statuses = {status(client, task_id) for task_id in ids}
+    assert statuses == {"completed"}
+    lines = (tmp_path / "pool-logs" / contract.REQUEST_LOG).read_text().splitlines()
+    done = [line.split("task_id=")[1].split()[0] for line in lines if "status=success" in line]
+    assert sorted(done) == sorted(ids)  # each job exactly once
     name = signal.Signals(sig).name
     MEASURED[f"Redis {name} with 1,000 jobs queued -> all kept"] = (
         f"1000/1000 after restart (reload {reload_time:.1f} s); drained by 4 workers in {drained:.1f} s"
@@ -207,44 +199,37 @@ def test_redis_restart_keeps_every_queued_job(sig, tmp_path, app_config, start_p
     ids=["SIGTERM-4s", "SIGKILL-4s", "SIGKILL-12s"],
 )
 def test_redis_restart_while_jobs_run_ends_every_job_once(
-    sig, down, attempts, tmp_path, app_config, start_pool, stand_in
+    sig, down, attempts, tmp_path, app_config, own_redis, start_pool, stand_in
 ):
     """Redis goes away while 4 jobs run and is back `down` s later, after their engine requests have ended.
 
     The workers wait out an outage of up to REDIS_OUTAGE_WAIT (7.5 s) and file each job's text from its first
     attempt; after a longer one each job is run again.
     """
-    port, folder = free_port(), tmp_path / "redis"
-    folder.mkdir()
-    redis_process = start_redis(folder, port)
-    url, logs = f"redis://127.0.0.1:{port}/0", tmp_path / "pool-logs"
-    try:
-        client = create_app({**app_config, "REDIS_URL": url}).test_client()
-        start_pool(concurrency=4, REDIS_URL=url, LOG_DIR=str(logs))
-        prompts = [f"stand-in:sleep=4 {uuid.uuid4()}" for _ in range(4)]
-        ids = [submit(client, prompt) for prompt in prompts]
-        wait_until(lambda: {status(client, task_id) for task_id in ids} == {"processing"}, 20, "the 4 jobs to start")
-        time.sleep(1.5)  # the start transactions are in the append-only file (fsync every second)
-        stop(redis_process, sig)
-        time.sleep(down)
-        redis_process = start_redis(folder, port)
-        back = time.monotonic()
-        conn = Redis.from_url(url)
-        finished = [(task_id, wait_finished(client, task_id, 120)) for task_id in ids]
-        recovered = time.monotonic() - back
-        assert {task_id: body["status"] for task_id, body in finished} == dict.fromkeys(ids, "completed")
-        for task_id, prompt in zip(ids, prompts, strict=True):
-            job = Job.fetch(task_id, connection=conn)
-            assert [result.type for result in job.results()] == [Result.Type.SUCCESSFUL]
-            assert sum(1 for sent in stand_in.requests if sent.get("prompt") == prompt) == attempts
-            wait_until(lambda: success_lines(logs, task_id) >= 1, 5, "the request-log line")  # noqa: B023
-        time.sleep(0.5)
-        assert [success_lines(logs, task_id) for task_id in ids] == [1, 1, 1, 1]
-        retried = [f"job {task_id} attempt 1 failed (worker_died" in (logs / "app.log").read_text() for task_id in ids]
-        assert retried == [attempts == 2] * 4
-    finally:
-        if redis_process.poll() is None:
-            stop(redis_process)
+    logs = tmp_path / "pool-logs"
+    client = create_app({**app_config, "REDIS_URL": own_redis.url}).test_client()
+    start_pool(concurrency=4, REDIS_URL=own_redis.url, LOG_DIR=str(logs))
+    prompts = [f"stand-in:sleep=4 {uuid.uuid4()}" for _ in range(4)]
+    ids = [submit(client, prompt) for prompt in prompts]
+    wait_until(lambda: {status(client, task_id) for task_id in ids} == {"processing"}, 20, "the 4 jobs to start")
+    time.sleep(1.5)  # the start transactions are in the append-only file (fsync every second)
+    own_redis.kill(sig)
+    time.sleep(down)
+    own_redis.start()
+    back = time.monotonic()
+    conn = Redis.from_url(own_redis.url)
+    finished = [(task_id, wait_finished(client, task_id, 120)) for task_id in ids]
+    recovered = time.monotonic() - back
+    assert {task_id: body["status"] for task_id, body in finished} == dict.fromkeys(ids, "completed")
+    for task_id, prompt in zip(ids, prompts, strict=True):
+        job = Job.fetch(task_id, connection=conn)
+        assert [result.type for result in job.results()] == [Result.Type.SUCCESSFUL]
+        assert sum(1 for sent in stand_in.requests if sent.get("prompt") == prompt) == attempts
+        wait_until(lambda: success_lines(logs, task_id) >= 1, 5, "the request-log line")  # noqa: B023
+    time.sleep(0.5)
+    assert [success_lines(logs, task_id) for task_id in ids] == [1, 1, 1, 1]
+    retried = [f"job {task_id} attempt 1 failed (worker_died" in (logs / "app.log").read_text() for task_id in ids]
+    assert retried == [attempts == 2] * 4
     name = signal.Signals(sig).name
     MEASURED[f"Redis {name} while 4 jobs run, back {down} s later -> all completed once, attempt {attempts}"] = (
         f"{recovered:.1f} s"
@@ -252,13 +237,10 @@ def test_redis_restart_while_jobs_run_ends_every_job_once(
 
 
 @pytest.mark.timeout(120)
-def test_sigterm_stops_a_pool_whose_redis_is_gone(tmp_path, start_pool):
+def test_sigterm_stops_a_pool_whose_redis_is_gone(tmp_path, own_redis, start_pool):
     """Redis went away first (it crashed, or was stopped before the workers): a SIGTERM still stops the pool."""
-    port, folder = free_port(), tmp_path / "redis"
-    folder.mkdir()
-    redis_process = start_redis(folder, port)
-    pool = start_pool(concurrency=4, REDIS_URL=f"redis://127.0.0.1:{port}/0", LOG_DIR=str(tmp_path / "pool-logs"))
-    stop(redis_process, signal.SIGKILL)
+    pool = start_pool(concurrency=4, REDIS_URL=own_redis.url, LOG_DIR=str(tmp_path / "pool-logs"))
+    own_redis.kill(signal.SIGKILL)
     time.sleep(1)
     sent = time.monotonic()
     os.killpg(pool.pid, signal.SIGTERM)
