@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from redis import Redis
     from redis.client import Pipeline
 
+REDIS_UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
+"""What a worker's Redis command raises once its connection has waited out an outage (contract.redis_retry)."""
 ERROR_TYPES: dict[type[BaseException], str] = {
     EngineUnavailable: contract.ERROR_ENGINE_UNAVAILABLE,
     EngineServerError: contract.ERROR_ENGINE_ERROR,
@@ -51,9 +53,8 @@ ERROR_TYPES: dict[type[BaseException], str] = {
     SystemExit: contract.ERROR_WORKER_DIED,  # RQ's cold shutdown raises it inside the running job
     WorkerShutDown: contract.ERROR_WORKER_DIED,  # the same, for a worker in a thread (worker/pool.py)
     JobCancelled: contract.ERROR_CANCELLED,
-    # Redis still away after the worker's connection waited it out (contract.redis_retry): tried again at once.
-    RedisConnectionError: contract.ERROR_WORKER_DIED,
-    RedisTimeoutError: contract.ERROR_WORKER_DIED,
+    # Redis still away after the worker's connection waited it out: tried again at once.
+    **dict.fromkeys(REDIS_UNREACHABLE, contract.ERROR_WORKER_DIED),
 }
 MAX_RETRY_DELAY = 30  # seconds
 PENDING_TEXT = "_pending_text"
@@ -258,7 +259,7 @@ def on_failure(
         message = "the worker running the job died"
     elif exc_type in (SystemExit, WorkerShutDown):
         message = "the worker running the job was shut down"
-    elif issubclass(exc_type, (RedisConnectionError, RedisTimeoutError)):
+    elif issubclass(exc_type, REDIS_UNREACHABLE):
         message = f"the worker running the job lost Redis ({message})"
     if error_type == contract.ERROR_ENGINE_UNAVAILABLE:
         connection.set(contract.ENGINE_DOWN_KEY, job.id)  # every worker waits for the engine before its next job

@@ -30,8 +30,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from loguru import logger
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.callbacks import execute_failure_callback
 from rq.exceptions import AbandonedJobError, DequeueTimeout
 from rq.executions import Execution
@@ -47,7 +45,15 @@ from rq.worker import SimpleWorker, WorkerStatus
 from worker import contract, outcome
 from worker.engine import EngineClient
 from worker.exceptions import WorkerShutDown
-from worker.jobs import ATTEMPT_BEGUN, EngineJob, begin_attempt, engine_client, send_ahead, worker_settings
+from worker.jobs import (
+    ATTEMPT_BEGUN,
+    REDIS_UNREACHABLE,
+    EngineJob,
+    begin_attempt,
+    engine_client,
+    send_ahead,
+    worker_settings,
+)
 
 ENGINE_POLL_INTERVAL = 1.0  # seconds between engine health checks while it is down
 HEARTBEAT_MARGIN = 5.0  # seconds a worker's registration must outlive its next wait for a job
@@ -462,7 +468,7 @@ class EngineWorker(SimpleWorker):
         """Deregister as RQ does; with Redis unreachable, say so in one line instead of ending the thread on it."""
         try:
             super().teardown()
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except REDIS_UNREACHABLE as exc:
             self.log.warning("Worker %s: leaving without deregistering, Redis is unreachable (%s)", self.name, exc)
 
     def _order_queues(self) -> None:
