@@ -48,7 +48,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config["REDIS_URL"],
         socket_connect_timeout=0.5,
         socket_timeout=1.0,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 1, supported_errors=contract.RESENT_ON),  # a pooled connection Redis closed
         health_check_interval=30,
     )
     # Long polls (/result?wait=N) block on Redis: they get connections whose reads may last that long.

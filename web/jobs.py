@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import redis.exceptions
 from flask import Response, g, request, stream_with_context
 
 from web import tasks
@@ -55,6 +56,10 @@ def _submit(requests: list[dict], body_for_fingerprint: object) -> tuple[list[st
         return task_ids, False
     try:
         return tasks.submit(requests, g.owner, task_ids), True
+    except redis.exceptions.TimeoutError:
+        # Redis may still run the submit: the claim stays, so a retry with the key finds these tasks, or frees
+        # the claim if they never came (tasks.STALE_RESERVATION).
+        raise
     except Exception:
         tasks.release_idempotency_key(g.owner, key)
         raise

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from loguru import logger
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
 # --- Defaults shared by every process (units in the docstrings) -------------------------
@@ -447,18 +448,24 @@ REDIS_OUTAGE_WAIT = 7.5
 """Seconds of Redis outage (a restart, say) a worker waits out, retrying, before its command fails."""
 
 
+RESENT_ON = (RedisConnectionError,)
+"""The Redis errors after which redis-py sends a command again: a lost connection. Not a timeout: Redis has the
+command then and may still run it once it answers, so sending it again could run a transaction twice (queue a
+job twice, end it twice)."""
+
+
 def redis_retry(seconds: float) -> Retry:
     """redis-py's retries for a connection that waits out a Redis outage of about `seconds`.
 
     The waits start at 0.1 s and double up to 1 s; as many as fit in `seconds` (none for 0). A command that
     fails on a lost connection is sent again once Redis answers, so a job running through a Redis restart keeps
-    its text instead of being run again.
+    its text instead of being run again. One that timed out is not (RESENT_ON).
     """
     backoff, retries, waited = ExponentialBackoff(cap=1.0, base=0.05), 0, 0.0
     while waited + backoff.compute(retries + 1) <= seconds:
         retries += 1
         waited += backoff.compute(retries)
-    return Retry(backoff, retries)
+    return Retry(backoff, retries, supported_errors=RESENT_ON)
 
 
 # --- Logging: the same files for every process ------------------------------------------

@@ -16,15 +16,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis.exceptions
 from redis import Redis
 from rq import Queue, Worker
 from rq.job import Job
 from rq.results import Result
 
 from tests.conftest import KEY, ROOT, free_port, wait_until
-from tests.faults.conftest import AUTH, MEASURED, status, stop, submit
+from tests.faults.conftest import AUTH, MEASURED, OwnRedis, status, stop, submit
 from tests.stand_in_engine import StandInEngine
-from web import create_app
+from web import create_app, tasks
 from worker import contract
 
 RECOVERY_LIMIT = 60  # seconds from the kill to the completed job
@@ -249,6 +250,65 @@ def test_sigterm_stops_a_pool_whose_redis_is_gone(tmp_path, own_redis, start_poo
     assert pool.returncode == 0
     assert "leaving without deregistering, Redis is unreachable" in (tmp_path / "pool-logs" / "app.log").read_text()
     MEASURED["SIGTERM to a pool of 4 whose Redis is gone -> pool exited"] = f"{took:.1f} s"
+
+
+def stall(redis: OwnRedis, seconds: float) -> None:
+    """Stop `redis` (SIGSTOP) now and let it go on (SIGCONT) `seconds` later: it keeps its connections and whatever
+    they send, and answers nothing meanwhile."""
+    redis.process.send_signal(signal.SIGSTOP)
+    threading.Timer(seconds, redis.process.send_signal, [signal.SIGCONT]).start()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_connection_does_not_send_again_what_redis_may_still_run(own_redis):
+    """A command that timed out is in Redis, which runs it when it answers again: sending it again would run it twice.
+    A lost connection is another matter (test_redis_restart_while_jobs_run_ends_every_job_once)."""
+    conn = Redis.from_url(own_redis.url, socket_timeout=0.5, retry=contract.redis_retry(contract.REDIS_OUTAGE_WAIT))
+    conn.ping()
+    stall(own_redis, 1.0)
+    with pytest.raises(redis.exceptions.TimeoutError), conn.pipeline() as pipe:
+        pipe.rpush("ended", "job").incr("attempts")
+        pipe.execute()
+    wait_until(lambda: Redis.from_url(own_redis.url).ping(), 10, "Redis to answer again")
+    assert conn.lrange("ended", 0, -1) == [b"job"]
+    assert conn.get("attempts") == b"1"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("idempotency_key", [None, "order-42"])
+def test_a_submit_whose_redis_stalls_is_queued_once(idempotency_key, app_config, own_redis, monkeypatch):
+    """Redis stops answering for 1.5 s just as a submit's transaction goes out; the web waits 1 s for a reply.
+
+    The client is told 503, but Redis runs the transaction when it answers again: the job is queued once (sending
+    the transaction again queued it twice). A client that retries with its Idempotency-Key gets that job.
+    """
+    client = create_app({**app_config, "REDIS_URL": own_redis.url}).test_client()
+    first = submit(client, "first")  # Redis has RQ's admission script from here on: the submit below loads nothing
+    read_before_submit = tasks._read_before_submit
+
+    def then_stall(*args, **kwargs):
+        replies = read_before_submit(*args, **kwargs)
+        stall(own_redis, 1.5)
+        return replies
+
+    monkeypatch.setattr(tasks, "_read_before_submit", then_stall)
+    headers = {**AUTH, "Idempotency-Key": idempotency_key} if idempotency_key else AUTH
+    body = {"prompt": "stalled", "max_tokens": 8}
+    response = client.post("/generate", json=body, headers=headers)
+    monkeypatch.undo()
+    assert response.status_code == 503, response.get_json()
+    assert response.get_json()["error_type"] == "queue_unavailable"
+    conn = Redis.from_url(own_redis.url)
+    wait_until(lambda: conn.ping(), 10, "Redis to answer again")
+    first_id, stalled_id = (
+        task_id.decode() for task_id in conn.lrange(Queue(contract.QUEUE_NORMAL, connection=conn).key, 0, -1)
+    )
+    assert first_id == first
+    assert conn.llen(contract.WAKE_KEY) == 2  # a wake entry for each job
+    assert status(client, stalled_id) == "queued"
+    if idempotency_key:
+        again = client.post("/generate", json=body, headers=headers)
+        assert (again.status_code, again.get_json()["task_id"]) == (200, stalled_id)
 
 
 @pytest.mark.timeout(120)
