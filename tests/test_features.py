@@ -15,6 +15,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import redis.exceptions
 from rq import Queue
 from rq.job import Job
 from rq.registry import CanceledJobRegistry, ScheduledJobRegistry
@@ -321,6 +322,32 @@ def test_idempotency_key_returns_the_same_task_and_refuses_another_body(client, 
         == 202
     )
     assert client.post("/generate", json={"prompt": "x"}, headers={**AUTH, "Idempotency-Key": ""}).status_code == 400
+
+
+def test_idempotency_key_of_a_submit_not_known_to_be_queued_is_held_then_freed(client, redis_conn, monkeypatch):
+    """A submit that timed out on Redis may still be queued: its key is held (409, retry) while its task may yet come,
+    then freed if it never did."""
+    headers = {**AUTH, "Idempotency-Key": "order-7"}
+    body = {"prompt": "unknown outcome"}
+
+    def timed_out(*args, **kwargs):
+        raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(tasks, "submit", timed_out)
+    assert client.post("/generate", json=body, headers=headers).status_code == 503
+    monkeypatch.undo()
+    held = client.post("/generate", json=body, headers=headers)
+    assert held.status_code == 409
+    assert held.get_json()["error_type"] == "idempotency_in_progress"
+    assert held.headers["Retry-After"] == "1"
+    assert client.post("/generate/batch", json={"requests": [body]}, headers=headers).status_code == 409
+    assert Queue(contract.QUEUE_NORMAL, connection=redis_conn).count == 0
+
+    monkeypatch.setattr(tasks, "STALE_RESERVATION", 0.0)
+    freed = client.post("/generate", json=body, headers=headers)
+    assert freed.status_code == 202
+    assert Queue(contract.QUEUE_NORMAL, connection=redis_conn).get_job_ids() == [freed.get_json()["task_id"]]
+    assert client.post("/generate", json=body, headers=headers).get_json()["task_id"] == freed.get_json()["task_id"]
 
 
 # --- Batch submit ------------------------------------------------------------------------------

@@ -45,6 +45,12 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body."""
 
 
+class IdempotencyInProgress(Exception):
+    """The Idempotency-Key's first request has not queued its tasks yet (or its outcome is not known yet)."""
+
+    retry_after = 1
+
+
 # Exception -> (HTTP status, error_type). The only place exceptions become statuses.
 ERROR_MAP: dict[type[BaseException], tuple[int, str]] = {
     Unauthorized: (401, "unauthorized"),
@@ -54,6 +60,7 @@ ERROR_MAP: dict[type[BaseException], tuple[int, str]] = {
     InvalidHeader: (400, "validation_error"),
     AlreadyFinished: (409, "already_finished"),
     IdempotencyConflict: (409, "idempotency_conflict"),
+    IdempotencyInProgress: (409, "idempotency_in_progress"),
     RateLimited: (429, "rate_limited"),
     redis.exceptions.ConnectionError: (503, "queue_unavailable"),
     redis.exceptions.TimeoutError: (503, "queue_unavailable"),
@@ -126,7 +133,7 @@ def register_error_handlers(app: Flask) -> None:
     def handle(exc: Exception):
         status, error_type = next(ERROR_MAP[cls] for cls in type(exc).__mro__ if cls in ERROR_MAP)
         response = jsonify(error_body(error_type, _message(exc, error_type)))
-        if status in (429, 503):
+        if status in (429, 503) or hasattr(exc, "retry_after"):
             response.headers["Retry-After"] = str(_retry_after(exc))
         if status == 503:
             app.logger.warning("%s: %s", error_type, exc)

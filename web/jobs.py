@@ -34,7 +34,8 @@ IDEMPOTENCY_DOC = {
             "required": False,
             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY},
             "description": "Retrying with the same key returns the same task (200) instead of queuing another; "
-            "the same key with a different body is a 409. Kept as long as the result.",
+            "the same key with a different body is a 409, as is a retry before the first request has queued its "
+            "task (with Retry-After). Kept as long as the result.",
         }
     ]
 }
@@ -69,7 +70,7 @@ def submit_errors(view):
     """Document the answers both submit endpoints share, and their Idempotency-Key header."""
     for status, description in [
         (401, "Missing or invalid API key"),
-        (409, "Idempotency-Key already used with a different body"),
+        (409, "Idempotency-Key already used with a different body, or its first request not queued yet (Retry-After)"),
         (413, "Request body too large"),
         (429, "Rate limit for this key reached (a batch counts once per request); see Retry-After"),
         (503, "Queue full or unavailable; retry after Retry-After seconds"),

@@ -31,7 +31,7 @@ from rq.registry import StartedJobRegistry
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from web import limits
-from web.errors import AlreadyFinished, IdempotencyConflict, QueueFull, TaskNotFound
+from web.errors import AlreadyFinished, IdempotencyConflict, IdempotencyInProgress, QueueFull, TaskNotFound
 from worker import contract, outcome
 
 _TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -223,6 +223,8 @@ def reserve_idempotency_key(owner: str, key: str, body_fingerprint: str, count: 
 
     Raises:
         IdempotencyConflict: the key was used with a different body.
+        IdempotencyInProgress: the key's first request has not queued its tasks (yet), and claimed the key less
+            than STALE_RESERVATION seconds ago.
     """
     connection = redis_connection()
     name = _idempotency_claim(owner, key)
@@ -235,9 +237,12 @@ def reserve_idempotency_key(owner: str, key: str, body_fingerprint: str, count: 
         return reserve_idempotency_key(owner, key, body_fingerprint, count)
     if earlier["fingerprint"] != body_fingerprint:
         raise IdempotencyConflict("this Idempotency-Key was already used with a different request body")
-    stale = time.time() - earlier["at"] > STALE_RESERVATION
-    if stale and not Job.exists(earlier["task_ids"][0], connection=connection):
-        connection.delete(name)
+    if not Job.exists(earlier["task_ids"][0], connection=connection):  # a submit queues all its tasks or none
+        if time.time() - earlier["at"] <= STALE_RESERVATION:
+            raise IdempotencyInProgress(
+                "the first request with this Idempotency-Key has not queued its task yet; retry in a moment"
+            )
+        connection.delete(name)  # its request failed without freeing the claim
         return reserve_idempotency_key(owner, key, body_fingerprint, count)
     return earlier["task_ids"], False
 
