@@ -12,7 +12,7 @@ import uuid
 import pytest
 from loguru import logger
 
-from tests.conftest import KEY, SERVED_MODEL, free_port, run_worker, wait_until
+from tests.conftest import KEY, SERVED_MODEL, free_port, queued_count, run_worker, wait_until
 from tests.stand_in_engine import CONTEXT_ERROR, StandInEngine
 from web import create_app
 from worker import contract, jobs
@@ -313,6 +313,44 @@ def test_a_job_running_past_its_first_heartbeat_is_kept_alive_by_the_beat(
     body = client.get(f"/result/{task_id}", headers=AUTH).get_json()
     assert body["status"] == "completed"
     assert "attempt" not in body  # never retried
+
+
+def test_a_job_the_sweep_took_up_while_its_worker_had_lost_redis_runs_once_more_not_twice(
+    client, redis_conn, worker_env, stand_in, log_dir, monkeypatch
+):
+    """Redis is away longer than a running job's heartbeat lives. Once it is back, another worker's sweep takes the
+    job up as abandoned (its failure callback, then a retry) before the job's own worker, whose write failed, handles
+    that failure: the worker then leaves the job to the sweep instead of queuing it a second time."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from rq.job import Job
+    from rq.registry import StartedJobRegistry
+    from rq.results import Result
+
+    from worker.runner import EngineDeadline
+
+    prompt = f"swept {uuid.uuid4()}"
+    task_id = submit(client, prompt=prompt, max_tokens=4)
+    registry = StartedJobRegistry(contract.QUEUE_NORMAL, connection=redis_conn, death_penalty_class=EngineDeadline)
+    add = jobs.TokenPublisher.add
+
+    def lose_redis(publisher, piece):
+        if publisher.task_id == task_id and not registry.get_expired_job_ids() and requests_with(stand_in, prompt) == 1:
+            for member in redis_conn.zrange(registry.key, 0, -1):
+                redis_conn.zadd(registry.key, {member: 1}, xx=True)  # its heartbeat expired long ago
+            registry.cleanup()  # another worker's sweep
+            raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        add(publisher, piece)
+
+    monkeypatch.setattr(jobs.TokenPublisher, "add", lose_redis)
+    body = finish(client, redis_conn, task_id)
+    assert body["status"] == "completed"
+    assert body["attempt"] == 2
+    assert requests_with(stand_in, prompt) == 2
+    assert [result.type for result in Job.fetch(task_id, connection=redis_conn).results()] == [Result.Type.SUCCESSFUL]
+    assert queued_count(redis_conn) == 0
+    logger.complete()
+    assert "taken up by the registry sweep while this worker had lost Redis" in (log_dir / "app.log").read_text()
+    assert sum(f"task_id={task_id} status=success" in line for line in request_log_lines(log_dir)) == 1
 
 
 def test_ignore_eos_is_forwarded_for_fixed_length_output(client, redis_conn, worker_env, stand_in):

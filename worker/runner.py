@@ -61,6 +61,8 @@ AGING_CHECK_EVERY = 1.0  # seconds the queue order chosen by ageing is kept befo
 IDLE_WAIT = 1  # seconds an idle worker waits for a job at a time: a stop asked from another thread is seen after it
 SUSPENSION_ANSWER_AGE = 1.0  # seconds an answer read at a job's end stands for the loop's suspension check
 SWEEP_KEY = f"{contract.KEY_PREFIX}sweep"  # held by the worker sweeping the registries this interval
+STARTED_HERE = "_started_here"
+"""Attribute a job gets once this worker's start transaction for it has come back (`prepare_job_execution`)."""
 
 
 class EngineDeadline(BaseDeathPenalty):
@@ -377,6 +379,7 @@ class EngineWorker(SimpleWorker):
             # Always: `EngineQueue` takes every job through the intermediate list, not only from one queue.
             pipeline.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
             replies = pipeline.execute()
+        setattr(job, STARTED_HERE, True)
         if attempt_begun:
             setattr(job, ATTEMPT_BEGUN, bool(replies[0]))
 
@@ -502,6 +505,33 @@ class EngineWorker(SimpleWorker):
         """
         if self._stopped_job_id is not None and self._engine is not None:
             self._engine.interrupt()
+
+    def _finalize_failure(self, job: Job, queue: Queue, execution: Execution, exc_info: Any) -> None:
+        """RQ's handling of a failed attempt, unless the attempt failed because Redis was lost and the registry sweep
+        has taken the job up meanwhile (Redis was away longer than the job's heartbeat lives): the sweep has
+        then run its failure callback and queued it again, and handling it here too would queue it twice."""
+        exc_type = exc_info[0]
+        if exc_type is not None and issubclass(exc_type, REDIS_UNREACHABLE) and self._swept(job, queue, execution):
+            self.log.warning(
+                "Worker %s: job %s was taken up by the registry sweep while this worker had lost Redis; leaving it",
+                self.name, job.id,
+            )  # fmt: skip
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                pipe.execute()
+            return
+        super()._finalize_failure(job, queue, execution, exc_info)
+
+    def _swept(self, job: Job, queue: Queue, execution: Execution) -> bool:
+        """Tell whether the sweep has taken up this attempt, which started: its execution is no longer in the started
+        registry (the sweep removes it with the retry, in one transaction). False for an attempt whose start
+        transaction did not come back, and while Redis is still unreachable: RQ's handling follows then."""
+        if not getattr(job, STARTED_HERE, False):
+            return False
+        try:
+            return self.connection.zscore(queue.started_job_registry.key, execution.composite_key) is None
+        except REDIS_UNREACHABLE:
+            return False
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string="", execution=None):
         """File a cancelled job under RQ's canceled registry, keeping what it generated; others as RQ does.
