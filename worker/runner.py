@@ -14,6 +14,8 @@
   for a worker of one queue: a worker killed before it marks the job started leaves it there, and RQ's
   sweep takes it up about a minute later. RQ's `BLPOP` over several queues would leave it nowhere. The
   same step reads the job, which RQ does in a round trip of its own.
+- Redis lost mid-job for longer than the job's heartbeat lives: if the registry sweep has taken the job up
+  by the time its worker can handle the failure, the worker leaves it to the sweep (`_finalize_failure`).
 - Cancel: RQ's stop-job command reaches `kill_horse`, which cuts the engine stream; the job then
   ends in RQ's canceled registry with what it had generated (see `worker.jobs.on_failure`).
 - Threads: the pool runs several workers in threads of one process (worker/pool.py). A job's time limit
