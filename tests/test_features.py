@@ -333,14 +333,18 @@ def test_idempotency_key_of_a_submit_not_known_to_be_queued_is_held_then_freed(c
     def timed_out(*args, **kwargs):
         raise redis.exceptions.TimeoutError("Timeout reading from socket")
 
+    batch_headers = {**AUTH, "Idempotency-Key": "batch-7"}
     monkeypatch.setattr(tasks, "submit", timed_out)
     assert client.post("/generate", json=body, headers=headers).status_code == 503
+    assert client.post("/generate/batch", json={"requests": [body]}, headers=batch_headers).status_code == 503
     monkeypatch.undo()
-    held = client.post("/generate", json=body, headers=headers)
-    assert held.status_code == 409
-    assert held.get_json()["error_type"] == "idempotency_in_progress"
-    assert held.headers["Retry-After"] == "1"
-    assert client.post("/generate/batch", json={"requests": [body]}, headers=headers).status_code == 409
+    for held in (
+        client.post("/generate", json=body, headers=headers),
+        client.post("/generate/batch", json={"requests": [body]}, headers=batch_headers),
+    ):
+        assert held.status_code == 409
+        assert held.get_json()["error_type"] == "idempotency_in_progress"
+        assert held.headers["Retry-After"] == "1"
     assert Queue(contract.QUEUE_NORMAL, connection=redis_conn).count == 0
 
     monkeypatch.setattr(tasks, "STALE_RESERVATION", 0.0)
