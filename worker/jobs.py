@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from redis.client import Pipeline
 
 REDIS_UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
-"""What a worker's Redis command raises once its connection has waited out an outage (contract.redis_retry)."""
+"""What a worker's Redis command raises once its connection has waited out an outage (contract.redis_retry), or at
+once when Redis did not answer in time (a timed-out command is not sent again: contract.RESENT_ON)."""
 ERROR_TYPES: dict[type[BaseException], str] = {
     EngineUnavailable: contract.ERROR_ENGINE_UNAVAILABLE,
     EngineServerError: contract.ERROR_ENGINE_ERROR,
