@@ -16,7 +16,6 @@ GPU_MODEL = "Qwen/Qwen2.5-7B-Instruct-AWQ"
 DEFAULT_MAX_MODEL_LEN = {"cpu": 2048, "gpu": 8192}  # tokens
 DEFAULT_KVCACHE_SPACE = 1  # GiB of KV cache for the CPU engine (~46k tokens of SmolLM2)
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.90  # fraction of the GPU's memory vLLM may take
-DEFAULT_MAX_NUM_SEQS = 64  # sequences vLLM batches at once on the GPU
 DEFAULT_START_TIMEOUT = 900  # seconds to wait for the engine's /health (GPU cold starts are slow)
 DEFAULT_HTTP_KEEPALIVE = 300  # seconds vLLM's HTTP server keeps an idle connection open (vLLM's default: 5)
 
@@ -73,7 +72,7 @@ class EngineSettings:
             gpu_memory_utilization=contract.env_float(
                 env, "GPU_MEMORY_UTILIZATION", DEFAULT_GPU_MEMORY_UTILIZATION, positive=True
             ),
-            max_num_seqs=contract.env_int(env, "MAX_NUM_SEQS", DEFAULT_MAX_NUM_SEQS, minimum=1),
+            max_num_seqs=contract.env_int(env, "MAX_NUM_SEQS", contract.DEFAULT_MAX_NUM_SEQS, minimum=1),
             quantization=env.get("QUANTIZATION", "awq_marlin"),
             start_timeout=contract.env_float(env, "ENGINE_START_TIMEOUT", DEFAULT_START_TIMEOUT, positive=True),
             models_dir=Path(env.get("MODELS_DIR", "models")),

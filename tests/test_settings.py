@@ -81,6 +81,32 @@ def test_a_default_max_tokens_over_max_new_tokens_is_refused():
     assert config_from_env({"DEFAULT_MAX_TOKENS": "1024", "MAX_NEW_TOKENS": "1024"})["DEFAULT_MAX_TOKENS"] == 1024
 
 
+@pytest.mark.parametrize(
+    ("env", "workers", "slots"),
+    [
+        ({}, 8, 8),
+        ({"WORKER_CONCURRENCY": "", "FAIR_SHARE_SLOTS": "", "MAX_NUM_SEQS": "128"}, 8, 8),
+        ({"MODEL_DEVICE": "cuda:1"}, 64, 64),
+        ({"MODEL_DEVICE": "cuda", "MAX_NUM_SEQS": "128"}, 128, 128),
+        ({"MODEL_DEVICE": "cuda", "WORKER_CONCURRENCY": "16"}, 16, 16),
+        ({"MODEL_DEVICE": "cuda", "FAIR_SHARE_SLOTS": "200"}, 64, 200),
+        ({"WORKER_CONCURRENCY": "4", "FAIR_SHARE_SLOTS": "0"}, 4, 0),
+    ],
+)
+def test_workers_follow_the_engine_profile_and_the_fair_share_follows_the_workers(env, workers, slots):
+    assert WorkerSettings.from_env(env).concurrency == workers
+    assert config_from_env(env)["FAIR_SHARE_SLOTS"] == slots
+    if env.get("MODEL_DEVICE", "cpu") != "cpu" and not env.get("WORKER_CONCURRENCY"):
+        assert EngineSettings.from_env(env).max_num_seqs == workers  # one worker per sequence of the GPU's batch
+
+
+def test_a_worker_count_drawn_from_a_bad_batch_size_is_refused_by_name():
+    with pytest.raises(contract.SettingsError, match="MAX_NUM_SEQS must be 1 or more, not 0"):
+        WorkerSettings.from_env({"MODEL_DEVICE": "cuda", "MAX_NUM_SEQS": "0"})
+    with pytest.raises(contract.SettingsError, match="FAIR_SHARE_SLOTS must be 0 or more, not -1"):
+        config_from_env({"FAIR_SHARE_SLOTS": "-1"})
+
+
 def test_a_gpu_memory_fraction_over_1_is_refused():
     with pytest.raises(contract.SettingsError, match="GPU_MEMORY_UTILIZATION is a fraction, at most 1, not 90"):
         EngineSettings.from_env({"MODEL_DEVICE": "cuda", "GPU_MEMORY_UTILIZATION": "90"})

@@ -24,8 +24,6 @@ HEALTH_TIMEOUT = 1.0
 """Seconds the health check waits for Redis and for the engine."""
 MAX_BATCH = 32
 """Most requests one POST /generate/batch may carry."""
-FAIR_SHARE_SLOTS = 8
-"""Jobs one API key may have queued or running at once, per priority; its others wait their turn. 0: off."""
 
 
 def config_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -50,7 +48,7 @@ def config_from_env(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
         "MAX_QUEUED_JOBS": contract.env_int(env, "MAX_QUEUED_JOBS", MAX_QUEUED_JOBS, minimum=0),
         "HEALTH_TIMEOUT": contract.env_float(env, "HEALTH_TIMEOUT", HEALTH_TIMEOUT, positive=True),
         "MAX_BATCH": contract.env_int(env, "MAX_BATCH", MAX_BATCH, minimum=1),
-        "FAIR_SHARE_SLOTS": contract.env_int(env, "FAIR_SHARE_SLOTS", FAIR_SHARE_SLOTS, minimum=0),
+        "FAIR_SHARE_SLOTS": contract.fair_share_slots(env),
         "QUEUE_TTL": contract.env_int(env, "QUEUE_TTL", contract.DEFAULT_QUEUE_TTL, minimum=1),
         "WEBHOOK_ALLOWED_HOSTS": contract.host_list(env.get("WEBHOOK_ALLOWED_HOSTS", "")),
         "WEBHOOK_ALLOW_PRIVATE": contract.flag(env.get("WEBHOOK_ALLOW_PRIVATE")),

@@ -40,6 +40,10 @@ DEFAULT_QUEUE_TTL = 600
 """Seconds a job may wait in its queue before a worker ends it as error/expired."""
 DEFAULT_JOB_RETRIES = 3
 """Further attempts after a retryable failure (engine down or 5xx, worker died)."""
+DEFAULT_MAX_NUM_SEQS = 64
+"""Sequences the GPU engine batches at once (vLLM's `--max-num-seqs`)."""
+CPU_ENGINE_WORKERS = 8
+"""Engine workers, hence requests in flight, on the CPU engine unless WORKER_CONCURRENCY says."""
 
 # --- Queues and task --------------------------------------------------------------------
 
@@ -295,6 +299,38 @@ def redis_url(env: Mapping[str, str] = os.environ) -> str:
     return DEFAULT_REDIS_URL
 
 
+def cpu_engine(env: Mapping[str, str] = os.environ) -> bool:
+    """Tell whether MODEL_DEVICE names the CPU engine (the default) rather than a GPU."""
+    return env.get("MODEL_DEVICE", "cpu").strip().lower() == "cpu"
+
+
+def worker_concurrency(env: Mapping[str, str] = os.environ) -> int:
+    """WORKER_CONCURRENCY: the engine workers on this host, hence the requests it has in flight.
+
+    Unset or empty: CPU_ENGINE_WORKERS on the CPU engine; on a GPU, MAX_NUM_SEQS (DEFAULT_MAX_NUM_SEQS), the
+    sequences vLLM batches at once, so that the engine always has a full batch.
+
+    Raises:
+        SettingsError: for a value under 1 (either setting), naming the variable.
+    """
+    default = CPU_ENGINE_WORKERS if cpu_engine(env) else env_int(env, "MAX_NUM_SEQS", DEFAULT_MAX_NUM_SEQS, minimum=1)
+    return env_int(env, "WORKER_CONCURRENCY", default, minimum=1)
+
+
+def fair_share_slots(env: Mapping[str, str] = os.environ) -> int:
+    """FAIR_SHARE_SLOTS: jobs one API key may have queued or running at once, per priority; 0 turns it off.
+
+    Unset or empty: `worker_concurrency(env)`, so that one key alone still fills this host's workers (with
+    workers on several hosts, set it to their total).
+
+    Raises:
+        SettingsError: for a negative value, or as `worker_concurrency`, naming the variable.
+    """
+    if (env.get("FAIR_SHARE_SLOTS") or "").strip():
+        return env_int(env, "FAIR_SHARE_SLOTS", 0, minimum=0)
+    return worker_concurrency(env)
+
+
 def service_cpus(env: Mapping[str, str] = os.environ) -> set[int] | None:
     """The CPUs that SERVICE_CPUS keeps the service's processes on (Redis, the web, the workers, the webhooks and
     the dashboard; not the engine); None: no binding.
@@ -312,9 +348,8 @@ def service_cpus(env: Mapping[str, str] = os.environ) -> set[int] | None:
     if value in ("", "none"):
         return None
     if value == "auto":
-        cpu_engine = env.get("MODEL_DEVICE", "cpu").strip().lower() == "cpu"
         own_process = not flag(env.get("CPU_ENGINE_SINGLE_PROCESS"))
-        return {max(allowed)} if cpu_engine and own_process and len(allowed) > 1 else None
+        return {max(allowed)} if cpu_engine(env) and own_process and len(allowed) > 1 else None
     try:
         cpus = parse_cpu_list(value)
     except ValueError as exc:

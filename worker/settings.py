@@ -8,8 +8,6 @@ from dataclasses import dataclass
 
 from worker import contract
 
-DEFAULT_WORKER_CONCURRENCY = 8
-"""Workers, hence requests in flight at the engine: vLLM batches them together."""
 DEFAULT_WORKER_THREADS = 8
 """Workers per worker process: WORKER_CONCURRENCY is spread over as few processes as this allows."""
 DEFAULT_JOB_MONITORING_INTERVAL = 5
@@ -68,7 +66,7 @@ class WorkerSettings:
             engine_url=env.get("ENGINE_URL") or contract.DEFAULT_ENGINE_URL,
             engine_health_path=env.get("ENGINE_HEALTH_PATH") or "/health",
             served_model_name=env.get("SERVED_MODEL_NAME") or contract.DEFAULT_SERVED_MODEL_NAME,
-            concurrency=contract.env_int(env, "WORKER_CONCURRENCY", DEFAULT_WORKER_CONCURRENCY, minimum=1),
+            concurrency=contract.worker_concurrency(env),
             threads=contract.env_int(env, "WORKER_THREADS", DEFAULT_WORKER_THREADS, minimum=1),
             task_time_limit=contract.env_int(env, "TASK_TIME_LIMIT", contract.DEFAULT_TASK_TIME_LIMIT, minimum=1),
             connect_timeout=contract.env_float(env, "ENGINE_CONNECT_TIMEOUT", 5.0, positive=True),
