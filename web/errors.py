@@ -51,6 +51,18 @@ class IdempotencyInProgress(Exception):
     retry_after = 1
 
 
+class SubmitNotAnswered(Exception):
+    """Redis did not answer a submit's transaction in time; it may still queue the tasks when it goes on."""
+
+    def __init__(self, task_ids: list[str]):
+        ids = ", ".join(task_ids)
+        super().__init__(
+            "the job queue did not answer in time; the task may still be queued once it does: "
+            f"GET /status/<task_id> finds it if so ({ids})"
+        )
+        self.task_ids = task_ids
+
+
 # Exception -> (HTTP status, error_type). The only place exceptions become statuses.
 ERROR_MAP: dict[type[BaseException], tuple[int, str]] = {
     Unauthorized: (401, "unauthorized"),
@@ -62,19 +74,19 @@ ERROR_MAP: dict[type[BaseException], tuple[int, str]] = {
     IdempotencyConflict: (409, "idempotency_conflict"),
     IdempotencyInProgress: (409, "idempotency_in_progress"),
     RateLimited: (429, "rate_limited"),
+    SubmitNotAnswered: (503, "queue_unavailable"),
     redis.exceptions.ConnectionError: (503, "queue_unavailable"),
     redis.exceptions.TimeoutError: (503, "queue_unavailable"),
 }
 _HTTP_ERROR_TYPES = {400: "validation_error", 413: "payload_too_large", 422: "validation_error"}
-_MESSAGES = {
-    "queue_unavailable": "the job queue is unavailable, try again shortly",
-}
+REDIS_ERROR_MESSAGE = "the job queue is unavailable, try again shortly"
+"""Said instead of a Redis error's own text."""
 RETRY_AFTER_SECONDS = 5
 """Retry-After sent with 503 answers."""
 
 
-def _message(exc: Exception, error_type: str) -> str:
-    return _MESSAGES.get(error_type) or str(exc)
+def _message(exc: Exception) -> str:
+    return REDIS_ERROR_MESSAGE if isinstance(exc, redis.exceptions.RedisError) else str(exc)
 
 
 def _retry_after(exc: Exception) -> int:
@@ -132,7 +144,10 @@ def register_error_handlers(app: Flask) -> None:
 
     def handle(exc: Exception):
         status, error_type = next(ERROR_MAP[cls] for cls in type(exc).__mro__ if cls in ERROR_MAP)
-        response = jsonify(error_body(error_type, _message(exc, error_type)))
+        body = error_body(error_type, _message(exc))
+        if isinstance(exc, SubmitNotAnswered):
+            body["task_ids"] = exc.task_ids
+        response = jsonify(body)
         if status in (429, 503) or hasattr(exc, "retry_after"):
             response.headers["Retry-After"] = str(_retry_after(exc))
         if status == 503:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import redis.exceptions
 from flask import Response, g, request, stream_with_context
 
 from web import tasks
 from web.api import Blueprint
 from web.auth import require_api_key
-from web.errors import InvalidHeader
+from web.errors import InvalidHeader, SubmitNotAnswered
 from web.schemas import (
     BatchAcceptedSchema,
     BatchRequestSchema,
@@ -57,7 +56,7 @@ def _submit(requests: list[dict], body_for_fingerprint: object) -> tuple[list[st
         return task_ids, False
     try:
         return tasks.submit(requests, g.owner, task_ids), True
-    except redis.exceptions.TimeoutError:
+    except SubmitNotAnswered:
         # Redis may still run the submit: the claim stays, so a retry with the key finds these tasks, or frees
         # the claim if they never came (tasks.STALE_RESERVATION).
         raise

@@ -213,6 +213,13 @@ class ErrorSchema(Schema):
         values=fields.List(fields.String()),
         metadata={"description": "Messages per invalid field."},
     )
+    task_ids = fields.List(
+        fields.String(),
+        metadata={
+            "description": "On a submit's 503 when Redis did not answer in time: the tasks it may still queue "
+            "(GET /status/<task_id> finds one if it was)."
+        },
+    )
 
 
 class HealthSchema(Schema):

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import redis.exceptions
 from flask import current_app
 from redis import Redis
 from redis.client import Pipeline
@@ -31,7 +32,14 @@ from rq.registry import StartedJobRegistry
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from web import limits
-from web.errors import AlreadyFinished, IdempotencyConflict, IdempotencyInProgress, QueueFull, TaskNotFound
+from web.errors import (
+    AlreadyFinished,
+    IdempotencyConflict,
+    IdempotencyInProgress,
+    QueueFull,
+    SubmitNotAnswered,
+    TaskNotFound,
+)
 from worker import contract, outcome
 
 _TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -113,6 +121,7 @@ def submit(requests: list[dict[str, Any]], owner: str, task_ids: list[str] | Non
         QueueFull: the requests would take the waiting jobs past MAX_QUEUED_JOBS. Submits running at
             the same moment in other gunicorn workers may each pass the check, so the cap can be
             passed by at most that many.
+        SubmitNotAnswered: Redis did not answer the transaction that queues them in time (it may still run it).
     """
     config = current_app.config
     connection = redis_connection()
@@ -133,7 +142,10 @@ def submit(requests: list[dict[str, Any]], owner: str, task_ids: list[str] | Non
         if admission_loaded:
             # redis-py would ask again (SCRIPT EXISTS) before sending the transaction: one round trip more.
             pipe.scripts = {script for script in pipe.scripts if script.sha != ADMISSION_SHA}
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.exceptions.TimeoutError as exc:  # Redis holds the transaction, and may still run it
+            raise SubmitNotAnswered(task_ids) from exc
     return task_ids
 
 

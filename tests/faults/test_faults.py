@@ -298,17 +298,48 @@ def test_a_submit_whose_redis_stalls_is_queued_once(idempotency_key, app_config,
     monkeypatch.undo()
     assert response.status_code == 503, response.get_json()
     assert response.get_json()["error_type"] == "queue_unavailable"
+    (told,) = response.get_json()["task_ids"]  # the task it may still queue
     conn = Redis.from_url(own_redis.url)
     wait_until(lambda: conn.ping(), 10, "Redis to answer again")
     first_id, stalled_id = (
         task_id.decode() for task_id in conn.lrange(Queue(contract.QUEUE_NORMAL, connection=conn).key, 0, -1)
     )
-    assert first_id == first
+    assert (first_id, stalled_id) == (first, told)
     assert conn.llen(contract.WAKE_KEY) == 2  # a wake entry for each job
     assert status(client, stalled_id) == "queued"
     if idempotency_key:
         again = client.post("/generate", json=body, headers=headers)
         assert (again.status_code, again.get_json()["task_id"]) == (200, stalled_id)
+
+
+@pytest.mark.timeout(60)
+def test_a_submit_whose_redis_stalls_before_its_transaction_queues_nothing_and_frees_its_key(
+    app_config, own_redis, monkeypatch
+):
+    """Redis stops answering before the submit's read (rate limit, queue lengths): nothing can be queued, so the 503
+    names no task and the Idempotency-Key is free again for the retry."""
+    client = create_app({**app_config, "REDIS_URL": own_redis.url}).test_client()
+    submit(client, "first")
+    read_before_submit = tasks._read_before_submit
+
+    def stall_then_read(*args, **kwargs):
+        stall(own_redis, 1.5)
+        return read_before_submit(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "_read_before_submit", stall_then_read)
+    headers = {**AUTH, "Idempotency-Key": "order-43"}
+    body = {"prompt": "stalled", "max_tokens": 8}
+    response = client.post("/generate", json=body, headers=headers)
+    monkeypatch.undo()
+    assert response.status_code == 503, response.get_json()
+    assert response.get_json()["error_type"] == "queue_unavailable"
+    assert "task_ids" not in response.get_json()
+    conn = Redis.from_url(own_redis.url)
+    wait_until(lambda: conn.ping(), 10, "Redis to answer again")
+    assert conn.llen(Queue(contract.QUEUE_NORMAL, connection=conn).key) == 1  # the first job alone
+    again = client.post("/generate", json=body, headers=headers)
+    assert again.status_code == 202, again.get_json()
+    assert conn.llen(Queue(contract.QUEUE_NORMAL, connection=conn).key) == 2
 
 
 @pytest.mark.timeout(120)
