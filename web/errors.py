@@ -57,8 +57,8 @@ class SubmitNotAnswered(Exception):
     def __init__(self, task_ids: list[str]):
         ids = ", ".join(task_ids)
         super().__init__(
-            "the job queue did not answer in time; the task may still be queued once it does: "
-            f"GET /status/<task_id> finds it if so ({ids})"
+            f"the job queue did not answer in time and may still queue the submitted tasks ({ids}) once it does: "
+            "GET /status/<task_id> finds each one it queued"
         )
         self.task_ids = task_ids
 
