@@ -66,7 +66,7 @@ async def direct(client: aiohttp.ClientSession, engine_url: str, index: int, max
             if not line.startswith(b"data:") or line.endswith(b"[DONE]"):
                 continue
             chunk = json.loads(line[5:])
-            if ttft is None and any(choice.get("text") for choice in chunk.get("choices", [])):
+            if ttft is None and chunk.get("choices"):  # as the workers count it: the first token, text or not
                 ttft = time.perf_counter() - started
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]

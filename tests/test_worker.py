@@ -16,7 +16,7 @@ from tests.conftest import KEY, SERVED_MODEL, free_port, queued_count, run_worke
 from tests.stand_in_engine import CONTEXT_ERROR, StandInEngine
 from web import create_app
 from worker import contract, jobs
-from worker.engine import EngineClient, build_request
+from worker.engine import EngineClient, _read_stream, build_request
 from worker.exceptions import EngineUnavailable
 from worker.pool import ShutdownSignals
 from worker.runner import TakenLineLater, _taken, release_taken_line
@@ -360,6 +360,22 @@ def test_ignore_eos_is_forwarded_for_fixed_length_output(client, redis_conn, wor
     assert body["result"] == " tok" * 5
     assert body["metrics"]["completion_tokens"] == 5
     assert stand_in.requests[-1]["ignore_eos"] is True
+
+
+def test_time_to_first_token_stops_at_the_first_token_even_without_text():
+    """vLLM's first event may carry a special token, whose text is empty: that is still the first token."""
+    sent_at, first_event_read = time.monotonic(), []
+
+    def events():
+        yield {"choices": [{"index": 0, "text": "", "finish_reason": None}]}
+        first_event_read.append(time.monotonic())
+        time.sleep(0.05)
+        yield {"choices": [{"index": 0, "text": "Hi", "finish_reason": "length"}]}
+        yield {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+
+    completion = _read_stream(events(), sent_at)
+    assert (completion.text, completion.finish_reason, completion.completion_tokens) == ("Hi", "length", 2)
+    assert 0 <= completion.time_to_first_token <= first_event_read[0] - sent_at
 
 
 def test_a_stream_interval_is_asked_of_the_engine_only_when_over_one():

@@ -272,13 +272,14 @@ def _read_stream(
         if "error" in chunk:
             raise EngineServerError(f"engine failed mid-stream: {_chunk_error(chunk)}")
         usage = chunk.get("usage") or usage
-        for choice in chunk.get("choices") or []:
+        choices = chunk.get("choices") or []
+        if choices and first_token_at is None:  # the first token, even one without text (a special token)
+            first_token_at = time.monotonic()
+        for choice in choices:
             piece = choice.get("text")
             if piece is None:
                 piece = (choice.get("delta") or {}).get("content")
             if piece:
-                if first_token_at is None:
-                    first_token_at = time.monotonic()
                 parts.append(piece)
                 if on_text is not None:
                     on_text(piece)
