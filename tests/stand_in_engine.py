@@ -10,6 +10,7 @@ reply, and injects faults chosen by the prompt text:
 Like vLLM, it streams with chunked transfer encoding and keeps connections alive between requests,
 closing one that stays idle for `idle_timeout` seconds (uvicorn's default is 5); `connections` counts
 the connections it accepted.
+Like vLLM, it sends one event per `stream_interval` tokens when a request asks (the first token alone).
 With `ignore_eos` in the request it streams exactly `max_tokens` tokens, `token_delay` seconds apart,
 as a fixed-latency engine of unlimited concurrency for the benchmark. Token k leaves k delays after the
 request came, as an engine's steps keep their own clock: the time lost to waking up does not add up over
@@ -120,13 +121,19 @@ def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
             self._start_stream()
             reply = [" tok"] * body["max_tokens"] if body.get("ignore_eos") else REPLY
             pieces = reply[:1] if drop else reply
-            started = time.monotonic()
+            interval = body.get("stream_interval", 1)
+            started, held = time.monotonic(), []
             for index, piece in enumerate(pieces):
                 if engine.token_delay:  # token k leaves k delays after the start: a late wake-up does not add up
                     time.sleep(max(started + (index + 1) * engine.token_delay - time.monotonic(), 0))
-                finish = ("length" if body.get("ignore_eos") else "stop") if index == len(reply) - 1 else None
+                held.append(piece)
+                last = index == len(reply) - 1
+                if index % interval and not last:  # as vLLM: the first token alone, then `interval` at a time
+                    continue
+                finish = ("length" if body.get("ignore_eos") else "stop") if last else None
                 choice = {"index": 0, "finish_reason": finish}
-                choice.update({"delta": {"content": piece}} if chat else {"text": piece})
+                text, held = "".join(held), []
+                choice.update({"delta": {"content": text}} if chat else {"text": text})
                 self._event({"choices": [choice]})
             if drop:
                 self.close_connection = True

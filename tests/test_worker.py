@@ -385,6 +385,22 @@ def test_a_stream_interval_is_asked_of_the_engine_only_when_over_one():
     assert build_request(payload, SERVED_MODEL, 8)[1]["stream_interval"] == 8
 
 
+def test_the_stand_in_sends_one_event_per_stream_interval_as_vllm_does():
+    engine = StandInEngine(free_port()).start()
+    try:
+        for chat in (False, True):
+            text = {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
+            request = {**text, "max_tokens": 24, "temperature": 0, "top_p": 1, "ignore_eos": True}
+            client = EngineClient(engine.url, SERVED_MODEL, connect_timeout=2, read_timeout=10, stream_interval=8)
+            pieces: list[str] = []
+            completion = client.generate(request, pieces.append)
+            client.close()
+            assert pieces == [" tok", " tok" * 8, " tok" * 8, " tok" * 7]  # the first alone, then 8, 8, the last 7
+            assert (completion.text, completion.completion_tokens) == (" tok" * 24, 24)
+    finally:
+        engine.stop()
+
+
 def test_engine_client_keeps_one_connection_and_replaces_one_the_engine_closed():
     engine = StandInEngine(free_port(), idle_timeout=0.3).start()
     try:
