@@ -19,6 +19,8 @@ from redis import Redis
 
 from bench import load, micro, report
 from bench.stack import ROOT, Stack, cpu_seconds, own_cpu_seconds
+from worker import contract
+from worker.settings import DEFAULT_ENGINE_STREAM_INTERVAL
 
 LEVELS = (1, 8, 32, 64)
 STAND_IN_TOKEN_DELAY = 0.02  # seconds per token
@@ -49,11 +51,18 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
+def stream_interval() -> int:
+    """The tokens per stream event the benchmark's workers ask the engine for: the direct mode asks the same."""
+    return contract.env_int(os.environ, "ENGINE_STREAM_INTERVAL", DEFAULT_ENGINE_STREAM_INTERVAL, minimum=1)
+
+
 def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, scale: int) -> dict:
     """Direct vs through the queue at each level, then the one-at-a-time design at c=8."""
     max_tokens, counts = PLAN[engine]
     counts = {level: count * scale for level, count in counts.items()}
-    direct = functools.partial(load.direct, engine_url=engine_url, max_tokens=max_tokens)
+    direct = functools.partial(
+        load.direct, engine_url=engine_url, max_tokens=max_tokens, stream_interval=stream_interval()
+    )
     out: dict = {"max_tokens": max_tokens, "service_cpus": stack.bound_cpus(), "levels": {}}
     pool = stack.workers(redis_url, engine_url, max(LEVELS))
     api_url, web = stack.web(redis_url, engine_url)
@@ -103,7 +112,9 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     if engine in SHORT_C1:
         tokens, count = SHORT_C1[engine][0], SHORT_C1[engine][1] * scale
         print(f"[{engine}] c=1 with {tokens}-token requests: {count} prompts", flush=True)
-        short_direct = functools.partial(load.direct, engine_url=engine_url, max_tokens=tokens)
+        short_direct = functools.partial(
+            load.direct, engine_url=engine_url, max_tokens=tokens, stream_interval=stream_interval()
+        )
         short_api = functools.partial(load.through_api, api_url=api_url, max_tokens=tokens, wait=WAIT)
         run(load.closed_loop(lambda c, i: short_direct(c, index=i), count, 1, first))  # warm, as the c=1 prompts
         (direct_samples, _, direct_errors), (api_samples, _, api_errors), (again, _, again_errors) = run(
@@ -212,6 +223,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}",
         "result_wait_s": WAIT,
         "stand_in_token_delay_s": STAND_IN_TOKEN_DELAY,
+        "engine_stream_interval": stream_interval(),
     }
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
         stack = Stack(Path(workdir))

@@ -52,11 +52,16 @@ class Sample:
     finished: float = 0.0  # time.perf_counter() when the client had its answer
 
 
-async def direct(client: aiohttp.ClientSession, engine_url: str, index: int, max_tokens: int) -> Sample:
+async def direct(
+    client: aiohttp.ClientSession, engine_url: str, index: int, max_tokens: int, stream_interval: int = 1
+) -> Sample:
+    """One request straight to the engine, asking for the stream events a worker asks for (`stream_interval`)."""
     body = {
         "model": MODEL, "prompt": prompt(index), "max_tokens": max_tokens, "temperature": 0,
         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
     }  # fmt: skip
+    if stream_interval > 1:
+        body["stream_interval"] = stream_interval
     started = time.perf_counter()
     ttft, tokens = None, 0
     async with client.post(f"{engine_url}/v1/completions", json=body) as response:
