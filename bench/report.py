@@ -192,6 +192,15 @@ def _placement(results: dict) -> list[str]:
     ]
 
 
+def _events(results: dict) -> str:
+    interval = results.get("engine_stream_interval", 1)
+    return (
+        "for one stream event per token"
+        if interval == 1
+        else f"for one stream event per {interval} tokens (the first token alone)"
+    )
+
+
 def write(results: dict, docs: Path) -> None:
     """Write BENCHMARKS.md (generated part, then the hand-kept tuning log) and the plot."""
     plot(results, docs / "bench" / "throughput.png")
@@ -216,9 +225,8 @@ def write(results: dict, docs: Path) -> None:
         "clients all send their first request in the same instant, a start that weighs on the first three rounds",
         f"of the clients. Beside it, where measured: the ratio over the first {FIRST_ROUNDS} rounds alone (a shorter",
         f"run), and the steady-state ratio, which leaves out each client's first {STEADY_SKIP} answers.",
-        f"Every request asks for a fixed number of tokens (`ignore_eos`), and for one stream event per "
-        f"{results.get('engine_stream_interval', 1)} tokens (the first token alone), in both modes as the workers ask"
-        " (`ENGINE_STREAM_INTERVAL`). The stand-in engine (not vLLM) streams",
+        f"Every request asks for a fixed number of tokens (`ignore_eos`), and {_events(results)}, in both modes as"
+        " the workers ask (`ENGINE_STREAM_INTERVAL`). The stand-in engine (not vLLM) streams",
         f"one token every {results['stand_in_token_delay_s']} s, on a schedule from the request's arrival, with",
         "unlimited concurrency.",
         "Measured warm: before each engine's levels, the engine serves the c=1 prompts once and",
