@@ -14,7 +14,7 @@ import pytest
 from redis import Redis
 from rq.job import Job
 
-from tests.conftest import cpus_of_tree
+from tests.conftest import cpus_of_tree, wait_until
 from tests.e2e.conftest import E2E_MODEL, E2E_WORKERS, Service
 from worker import contract
 from worker.engine import EngineClient
@@ -43,6 +43,12 @@ def wait_result(service: Service, task_id: str, timeout: float = 180) -> dict:
     pytest.fail(f"task {task_id} not finished after {timeout} s")
 
 
+def logged(service: Service, line: str) -> None:
+    """Wait for `line` in the request log: the workers write their logs through a queue, so it may follow the result."""
+    log = service.log_dir / contract.REQUEST_LOG
+    wait_until(lambda: log.exists() and line in log.read_text(), 10, f"{line!r} in {contract.REQUEST_LOG}")
+
+
 def assert_consistent(metrics: dict) -> None:
     assert metrics["total_time"] == pytest.approx(metrics["queue_wait_time"] + metrics["processing_time"], abs=2e-4)
     assert metrics["tokens_per_second"] == pytest.approx(
@@ -62,8 +68,7 @@ def test_chat_question_is_answered_by_the_real_model(service):
     status = httpx.get(f"{service.url}/status/{task_id}", headers=service.headers).json()
     assert status["status"] == "completed"
 
-    log = (service.log_dir / contract.REQUEST_LOG).read_text()
-    assert f"task_id={task_id} status=success" in log
+    logged(service, f"task_id={task_id} status=success")
 
 
 def test_prompt_is_completed_by_the_real_model(service):
@@ -94,8 +99,7 @@ def test_prompt_longer_than_context_is_engine_error_with_its_message(service):
     assert body["status"] == "error", body
     assert body["error_type"] == "engine_rejected"
     assert "context" in body["error_message"].lower() or "2048" in body["error_message"]
-    log = (service.log_dir / contract.REQUEST_LOG).read_text()
-    assert f"task_id={task_id} status=error error_type=engine_rejected" in log
+    logged(service, f"task_id={task_id} status=error error_type=engine_rejected")
 
 
 def test_health_and_rq_info_show_the_running_service(service):
