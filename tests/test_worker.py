@@ -364,7 +364,7 @@ def test_ignore_eos_is_forwarded_for_fixed_length_output(client, redis_conn, wor
 
 def test_time_to_first_token_stops_at_the_first_token_even_without_text():
     """vLLM's first event may carry a special token, whose text is empty: that is still the first token."""
-    sent_at, first_event_read = time.monotonic(), []
+    sent_at, first_event_read, pieces = time.monotonic(), [], []
 
     def events():
         yield {"choices": [{"index": 0, "text": "", "finish_reason": None}]}
@@ -373,9 +373,35 @@ def test_time_to_first_token_stops_at_the_first_token_even_without_text():
         yield {"choices": [{"index": 0, "text": "Hi", "finish_reason": "length"}]}
         yield {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
 
-    completion = _read_stream(events(), sent_at)
+    completion = _read_stream(events(), sent_at, pieces.append)
     assert (completion.text, completion.finish_reason, completion.completion_tokens) == ("Hi", "length", 2)
     assert 0 <= completion.time_to_first_token <= first_event_read[0] - sent_at
+    assert pieces == ["", "Hi"]  # one call per token, so that a cancelled job's count has both
+
+
+def test_a_chat_streams_role_announcement_is_not_its_first_token():
+    sent_at, role_read, pieces = time.monotonic(), [], []
+
+    def events():
+        yield {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        role_read.append(time.monotonic())
+        time.sleep(0.05)
+        yield {"choices": [{"index": 0, "delta": {"content": "Paris"}, "finish_reason": "stop"}]}
+
+    completion = _read_stream(events(), sent_at, pieces.append)
+    assert completion.text == "Paris" and pieces == ["Paris"]
+    assert completion.time_to_first_token >= role_read[0] + 0.05 - sent_at
+
+
+def test_a_cancelled_jobs_partial_counts_tokens_without_text_and_its_ttft_from_the_request():
+    sent_at = time.monotonic() - 0.2  # the request went to the engine before the publisher was made
+    tokens = jobs.TokenPublisher(None, "task", interval=60, started=sent_at)  # 60 s: nothing to publish yet
+    for piece in ("", "Once", " upon"):
+        tokens.add(piece)
+    partial = tokens.partial()
+    assert partial[contract.RESULT_TEXT] == "Once upon"
+    assert partial[contract.RESULT_COMPLETION_TOKENS] == 3
+    assert partial[contract.RESULT_TTFT] >= 0.2
 
 
 def test_a_stream_interval_is_asked_of_the_engine_only_when_over_one():

@@ -123,6 +123,11 @@ class EngineClient:
         except Exception as exc:
             self._sent.error = exc
 
+    @property
+    def sent_at(self) -> float | None:
+        """time.monotonic() when `send` sent the request `generate` has not read yet; None if there is none."""
+        return None if self._sent is None else self._sent.at
+
     def discard(self) -> None:
         """Drop a request sent by `send` that `generate` has not read; the engine aborts it."""
         if self._sent is not None:
@@ -265,25 +270,29 @@ def _events(response: http.client.HTTPResponse, before_read: Callable[[], None])
 def _read_stream(
     events: Iterator[dict[str, Any]], sent_at: float, on_text: Callable[[str], None] | None = None
 ) -> Completion:
-    """Collect text, finish reason, usage and time to first token from the stream's chunks."""
+    """Collect text, finish reason, usage and time to first token from the stream's chunks.
+
+    Each choice that carries tokens counts, even with no text (a special token); a chat stream's opening
+    choice, which only announces the role, does not. `on_text` gets the text of each such choice, empty or
+    not: one call per token, or per `stream_interval` tokens when the workers ask for fewer events.
+    """
     parts: list[str] = []
     first_token_at = finish_reason = usage = None
     for chunk in events:
         if "error" in chunk:
             raise EngineServerError(f"engine failed mid-stream: {_chunk_error(chunk)}")
         usage = chunk.get("usage") or usage
-        choices = chunk.get("choices") or []
-        if choices and first_token_at is None:  # the first token, even one without text (a special token)
-            first_token_at = time.monotonic()
-        for choice in choices:
-            piece = choice.get("text")
-            if piece is None:
-                piece = (choice.get("delta") or {}).get("content")
-            if piece:
-                parts.append(piece)
-                if on_text is not None:
-                    on_text(piece)
+        for choice in chunk.get("choices") or []:
             finish_reason = choice.get("finish_reason") or finish_reason
+            delta = choice.get("delta") or {}
+            piece = choice.get("text", delta.get("content")) or ""
+            if "role" in delta and not piece:
+                continue
+            if first_token_at is None:
+                first_token_at = time.monotonic()
+            parts.append(piece)
+            if on_text is not None:
+                on_text(piece)
     usage = usage or {}
     return Completion(
         text="".join(parts),

@@ -110,9 +110,10 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
             engine_client().discard()  # the request `send_ahead` sent, if any
             raise
         job.started_at = getattr(job, SENT_AT, job.started_at)  # RQ's is after its start transaction
-        tokens = TokenPublisher(job.connection, job.id, worker_settings().stream_flush_interval)
+        client = engine_client()
+        tokens = TokenPublisher(job.connection, job.id, worker_settings().stream_flush_interval, client.sent_at)
         try:
-            completion = engine_client().generate(payload, on_text=tokens.add)
+            completion = client.generate(payload, on_text=tokens.add)
         except EngineInterrupted:
             tokens.flush()
             raise JobCancelled("cancelled while running", tokens.partial()) from None
@@ -133,24 +134,27 @@ class TokenPublisher:
     per second per job, not one per token.
     """
 
-    def __init__(self, connection: Redis, task_id: str, interval: float):
+    def __init__(self, connection: Redis, task_id: str, interval: float, started: float | None = None):
         self.connection = connection
         self.task_id = task_id
         self.interval = interval
         self.parts: list[str] = []
         self.pieces = 0
         self.unsent: list[str] = []
-        self.started = time.monotonic()
+        # time.monotonic() when the request went to the engine (now if not given): where its TTFT counts from
+        self.started = time.monotonic() if started is None else started
         self.first_at: float | None = None
         self.sent_at = self.started
 
     def add(self, piece: str) -> None:
+        """Take the text of one stream event that carries tokens; empty for a token without text."""
         now = time.monotonic()
         if self.first_at is None:
             self.first_at = now
-        self.parts.append(piece)
-        self.unsent.append(piece)
         self.pieces += 1
+        if piece:
+            self.parts.append(piece)
+            self.unsent.append(piece)
         if now - self.sent_at >= self.interval:
             self.flush()
 
@@ -166,7 +170,8 @@ class TokenPublisher:
         return text
 
     def partial(self) -> dict[str, Any]:
-        """What was generated so far: text, pieces received (one token each from vLLM), TTFT."""
+        """What was generated so far: text, tokens (one per event from vLLM; events when `ENGINE_STREAM_INTERVAL` is
+        over 1) and the time to the first token, counted as for a finished job (`engine._read_stream`)."""
         return {
             contract.RESULT_TEXT: "".join(self.parts),
             contract.RESULT_COMPLETION_TOKENS: self.pieces,
