@@ -24,6 +24,7 @@ from rq.job import Job
 from rq.utils import utcparse
 
 from bench.stack import API_KEY, MODEL
+from worker.engine import build_request
 
 STEADY_SKIP = 3
 """Answers per client that the steady-state throughput leaves out: the synchronized start of a closed loop
@@ -55,16 +56,14 @@ class Sample:
 async def direct(
     client: aiohttp.ClientSession, engine_url: str, index: int, max_tokens: int, stream_interval: int = 1
 ) -> Sample:
-    """One request straight to the engine, asking for the stream events a worker asks for (`stream_interval`)."""
-    body = {
-        "model": MODEL, "prompt": prompt(index), "max_tokens": max_tokens, "temperature": 0,
-        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-    }  # fmt: skip
-    if stream_interval > 1:
-        body["stream_interval"] = stream_interval
+    """One request straight to the engine: the request a worker sends for the same job (`build_request`), asking
+    for the same stream events (`stream_interval`)."""
+    # The job `through_api` submits, with the API's default top_p.
+    job = {"prompt": prompt(index), "max_tokens": max_tokens, "temperature": 0, "top_p": 1.0, "ignore_eos": True}
+    path, body = build_request(job, MODEL, stream_interval)
     started = time.perf_counter()
     ttft, tokens = None, 0
-    async with client.post(f"{engine_url}/v1/completions", json=body) as response:
+    async with client.post(f"{engine_url}{path}", json=body) as response:
         response.raise_for_status()
         async for raw in response.content:
             line = raw.strip()
