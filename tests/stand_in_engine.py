@@ -101,6 +101,11 @@ def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
                 message = CONTEXT_ERROR if status == 400 else "stand-in engine failure"
                 self._json(status, {"error": {"message": message, "type": "BadRequestError", "code": status}})
                 return
+            interval = body.get("stream_interval", 1)
+            if not isinstance(interval, int) or interval < 1:  # as vLLM, which asks for an integer of at least 1
+                message = f"stream_interval must be an integer >= 1, not {interval!r}"
+                self._json(400, {"error": {"message": message, "type": "BadRequestError", "code": 400}})
+                return
             if match := re.search(r"stand-in:sleep=([\d.]+)", text):
                 time.sleep(float(match.group(1)))
             if match := re.search(r"stand-in:slow=([\d.]+)", text):

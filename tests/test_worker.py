@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 
+import httpx
 import pytest
 from loguru import logger
 
@@ -423,6 +424,19 @@ def test_the_stand_in_sends_one_event_per_stream_interval_as_vllm_does():
             client.close()
             assert pieces == [" tok", " tok" * 8, " tok" * 8, " tok" * 7]  # the first alone, then 8, 8, the last 7
             assert (completion.text, completion.completion_tokens) == (" tok" * 24, 24)
+    finally:
+        engine.stop()
+
+
+def test_the_stand_in_refuses_a_stream_interval_under_one_as_vllm_does():
+    engine = StandInEngine(free_port()).start()
+    try:
+        request = {"model": SERVED_MODEL, "prompt": "hi", "max_tokens": 3, "stream": True}
+        for interval in (0, -1, 1.5):
+            answer = httpx.post(f"{engine.url}/v1/completions", json={**request, "stream_interval": interval})
+            assert answer.status_code == 400, interval
+            assert answer.json()["error"]["type"] == "BadRequestError"
+        assert httpx.post(f"{engine.url}/v1/completions", json={**request, "stream_interval": 2}).status_code == 200
     finally:
         engine.stop()
 
