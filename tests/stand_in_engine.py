@@ -10,7 +10,8 @@ reply, and injects faults chosen by the prompt text:
 Like vLLM, it streams with chunked transfer encoding and keeps connections alive between requests,
 closing one that stays idle for `idle_timeout` seconds (uvicorn's default is 5); `connections` counts
 the connections it accepted.
-Like vLLM, it sends one event per `stream_interval` tokens when a request asks (the first token alone).
+Like vLLM, it sends one event per `stream_interval` tokens when a request asks (the first token alone),
+and answers 400 to a `stream_interval` that is not an integer of at least 1.
 With `ignore_eos` in the request it streams exactly `max_tokens` tokens, `token_delay` seconds apart,
 as a fixed-latency engine of unlimited concurrency for the benchmark. Token k leaves k delays after the
 request came, as an engine's steps keep their own clock: the time lost to waking up does not add up over
