@@ -60,9 +60,8 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     """Direct vs through the queue at each level, then the one-at-a-time design at c=8."""
     max_tokens, counts = PLAN[engine]
     counts = {level: count * scale for level, count in counts.items()}
-    direct = functools.partial(
-        load.direct, engine_url=engine_url, max_tokens=max_tokens, stream_interval=stream_interval()
-    )
+    interval = stream_interval()
+    direct = functools.partial(load.direct, engine_url=engine_url, max_tokens=max_tokens, stream_interval=interval)
     out: dict = {"max_tokens": max_tokens, "service_cpus": stack.bound_cpus(), "levels": {}}
     pool = stack.workers(redis_url, engine_url, max(LEVELS))
     api_url, web = stack.web(redis_url, engine_url)
@@ -113,7 +112,7 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
         tokens, count = SHORT_C1[engine][0], SHORT_C1[engine][1] * scale
         print(f"[{engine}] c=1 with {tokens}-token requests: {count} prompts", flush=True)
         short_direct = functools.partial(
-            load.direct, engine_url=engine_url, max_tokens=tokens, stream_interval=stream_interval()
+            load.direct, engine_url=engine_url, max_tokens=tokens, stream_interval=interval
         )
         short_api = functools.partial(load.through_api, api_url=api_url, max_tokens=tokens, wait=WAIT)
         run(load.closed_loop(lambda c, i: short_direct(c, index=i), count, 1, first))  # warm, as the c=1 prompts
