@@ -112,7 +112,7 @@ def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
             if match := re.search(r"stand-in:slow=([\d.]+)", text):
                 self._stream_slowly(body, float(match.group(1)), text)
                 return
-            self._stream(body, drop="stand-in:drop" in text)
+            self._stream(body, interval, drop="stand-in:drop" in text)
 
         def _json(self, status: int, payload: dict[str, Any]) -> None:
             data = json.dumps(payload).encode()
@@ -122,12 +122,11 @@ def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
-        def _stream(self, body: dict[str, Any], drop: bool) -> None:
+        def _stream(self, body: dict[str, Any], interval: int, drop: bool) -> None:
             chat = "messages" in body
             self._start_stream()
             reply = [" tok"] * body["max_tokens"] if body.get("ignore_eos") else REPLY
             pieces = reply[:1] if drop else reply
-            interval = body.get("stream_interval", 1)
             started, held = time.monotonic(), []
             for index, piece in enumerate(pieces):
                 if engine.token_delay:  # token k leaves k delays after the start: a late wake-up does not add up
