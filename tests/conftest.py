@@ -37,6 +37,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class StreamEvents(list):
+    """Records what `EngineClient.generate` passes to its `on_text`: (text, tokens so far) per stream event."""
+
+    def __call__(self, piece: str, tokens: int) -> None:
+        self.append((piece, tokens))
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
     """Poll `predicate` until it is true; fail the test naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout

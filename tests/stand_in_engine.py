@@ -11,7 +11,8 @@ Like vLLM, it streams with chunked transfer encoding and keeps connections alive
 closing one that stays idle for `idle_timeout` seconds (uvicorn's default is 5); `connections` counts
 the connections it accepted.
 Like vLLM, it sends one event per `stream_interval` tokens when a request asks (the first token alone),
-and answers 400 to a `stream_interval` that is not an integer of at least 1.
+each with the tokens so far when asked (`stream_options.continuous_usage_stats`), and answers 400 to a
+`stream_interval` that is not an integer of at least 1.
 With `ignore_eos` in the request it streams exactly `max_tokens` tokens, `token_delay` seconds apart,
 as a fixed-latency engine of unlimited concurrency for the benchmark. Token k leaves k delays after the
 request came, as an engine's steps keep their own clock: the time lost to waking up does not add up over
@@ -128,6 +129,8 @@ def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
             reply = [" tok"] * body["max_tokens"] if body.get("ignore_eos") else REPLY
             pieces = reply[:1] if drop else reply
             started, held = time.monotonic(), []
+            options = body.get("stream_options") or {}
+            prompt_tokens = len(_text_of(body).split())
             for index, piece in enumerate(pieces):
                 if engine.token_delay:  # token k leaves k delays after the start: a late wake-up does not add up
                     time.sleep(max(started + (index + 1) * engine.token_delay - time.monotonic(), 0))
@@ -139,12 +142,14 @@ def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
                 choice = {"index": 0, "finish_reason": finish}
                 text, held = "".join(held), []
                 choice.update({"delta": {"content": text}} if chat else {"text": text})
-                self._event({"choices": [choice]})
+                event: dict[str, Any] = {"choices": [choice]}
+                if options.get("include_usage") and options.get("continuous_usage_stats"):
+                    event["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": index + 1}
+                self._event(event)
             if drop:
                 self.close_connection = True
                 return
-            usage = {"prompt_tokens": len(_text_of(body).split()), "completion_tokens": len(reply)}
-            self._event({"choices": [], "usage": usage})
+            self._event({"choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(reply)}})
             self._end_stream()
 
         def _stream_slowly(self, body: dict[str, Any], delay: float, text: str) -> None:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from loguru import logger
 
-from tests.conftest import KEY, SERVED_MODEL, free_port, queued_count, run_worker, wait_until
+from tests.conftest import KEY, SERVED_MODEL, StreamEvents, free_port, queued_count, run_worker, wait_until
 from tests.stand_in_engine import CONTEXT_ERROR, StandInEngine
 from web import create_app
 from worker import contract, jobs
@@ -334,13 +334,13 @@ def test_a_job_the_sweep_took_up_while_its_worker_had_lost_redis_runs_once_more_
     registry = StartedJobRegistry(contract.QUEUE_NORMAL, connection=redis_conn, death_penalty_class=EngineDeadline)
     add = jobs.TokenPublisher.add
 
-    def lose_redis(publisher, piece):
+    def lose_redis(publisher, piece, tokens):
         if publisher.task_id == task_id and requests_with(stand_in, prompt) == 1:  # its first attempt
             for member in redis_conn.zrange(registry.key, 0, -1):
                 redis_conn.zadd(registry.key, {member: 1}, xx=True)  # its heartbeat expired long ago
             registry.cleanup()  # another worker's sweep
             raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
-        add(publisher, piece)
+        add(publisher, piece, tokens)
 
     monkeypatch.setattr(jobs.TokenPublisher, "add", lose_redis)
     body = finish(client, redis_conn, task_id)
@@ -365,7 +365,7 @@ def test_ignore_eos_is_forwarded_for_fixed_length_output(client, redis_conn, wor
 
 def test_time_to_first_token_stops_at_the_first_token_even_without_text():
     """vLLM's first event may carry a special token, whose text is empty: that is still the first token."""
-    sent_at, first_event_read, pieces = time.monotonic(), [], []
+    sent_at, first_event_read, pieces = time.monotonic(), [], StreamEvents()
 
     def events():
         yield {"choices": [{"index": 0, "text": "", "finish_reason": None}]}
@@ -374,14 +374,14 @@ def test_time_to_first_token_stops_at_the_first_token_even_without_text():
         yield {"choices": [{"index": 0, "text": "Hi", "finish_reason": "length"}]}
         yield {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
 
-    completion = _read_stream(events(), sent_at, pieces.append)
+    completion = _read_stream(events(), sent_at, pieces)
     assert (completion.text, completion.finish_reason, completion.completion_tokens) == ("Hi", "length", 2)
     assert 0 <= completion.time_to_first_token <= first_event_read[0] - sent_at
-    assert pieces == ["", "Hi"]  # one call per token, so that a cancelled job's count has both
+    assert pieces == [("", 1), ("Hi", 2)]  # one call per token, so that a cancelled job's count has both
 
 
 def test_a_chat_streams_role_announcement_is_not_its_first_token():
-    sent_at, role_read, pieces = time.monotonic(), [], []
+    sent_at, role_read, pieces = time.monotonic(), [], StreamEvents()
 
     def events():
         yield {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
@@ -389,27 +389,29 @@ def test_a_chat_streams_role_announcement_is_not_its_first_token():
         time.sleep(0.05)
         yield {"choices": [{"index": 0, "delta": {"content": "Paris"}, "finish_reason": "stop"}]}
 
-    completion = _read_stream(events(), sent_at, pieces.append)
-    assert completion.text == "Paris" and pieces == ["Paris"]
+    completion = _read_stream(events(), sent_at, pieces)
+    assert completion.text == "Paris" and pieces == [("Paris", 1)]
     assert completion.time_to_first_token >= role_read[0] + 0.05 - sent_at
 
 
 def test_a_cancelled_jobs_partial_counts_tokens_without_text_and_its_ttft_from_the_request():
     sent_at = time.monotonic() - 0.2  # the request went to the engine before the publisher was made
     tokens = jobs.TokenPublisher(None, "task", interval=60, started=sent_at)  # 60 s: nothing to publish yet
-    for piece in ("", "Once", " upon"):
-        tokens.add(piece)
+    for piece, generated in (("", 1), ("Once", 2), (" upon", 9)):  # the last event had 7 more tokens
+        tokens.add(piece, generated)
     partial = tokens.partial()
     assert partial[contract.RESULT_TEXT] == "Once upon"
-    assert partial[contract.RESULT_COMPLETION_TOKENS] == 3
+    assert partial[contract.RESULT_COMPLETION_TOKENS] == 9
     assert partial[contract.RESULT_TTFT] >= 0.2
 
 
 def test_a_stream_interval_is_asked_of_the_engine_only_when_over_one():
     payload = {"prompt": "hi", "max_tokens": 3, "temperature": 0, "top_p": 1}
-    assert "stream_interval" not in build_request(payload, SERVED_MODEL)[1]
-    assert "stream_interval" not in build_request(payload, SERVED_MODEL, 1)[1]
-    assert build_request(payload, SERVED_MODEL, 8)[1]["stream_interval"] == 8
+    for plain in (build_request(payload, SERVED_MODEL)[1], build_request(payload, SERVED_MODEL, 1)[1]):
+        assert "stream_interval" not in plain and plain["stream_options"] == {"include_usage": True}
+    batched = build_request(payload, SERVED_MODEL, 8)[1]
+    assert batched["stream_interval"] == 8
+    assert batched["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
 
 
 def test_the_stand_in_sends_one_event_per_stream_interval_as_vllm_does():
@@ -419,10 +421,11 @@ def test_the_stand_in_sends_one_event_per_stream_interval_as_vllm_does():
             text = {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
             request = {**text, "max_tokens": 24, "temperature": 0, "top_p": 1, "ignore_eos": True}
             client = EngineClient(engine.url, SERVED_MODEL, connect_timeout=2, read_timeout=10, stream_interval=8)
-            pieces: list[str] = []
-            completion = client.generate(request, pieces.append)
+            pieces = StreamEvents()
+            completion = client.generate(request, pieces)
             client.close()
-            assert pieces == [" tok", " tok" * 8, " tok" * 8, " tok" * 7]  # the first alone, then 8, 8, the last 7
+            # the first alone, then 8, 8, the last 7, each event with the tokens generated so far
+            assert pieces == [(" tok", 1), (" tok" * 8, 9), (" tok" * 8, 17), (" tok" * 7, 24)]
             assert (completion.text, completion.completion_tokens) == (" tok" * 24, 24)
     finally:
         engine.stop()

@@ -47,7 +47,8 @@ def build_request(payload: Mapping[str, Any], model: str, stream_interval: int =
     """Turn a job payload into the engine path and JSON body (chat if it has `messages`).
 
     A `stream_interval` over 1 asks vLLM for one event per that many tokens (the first token and the end
-    still come at once); 1 leaves the field out, so engines that do not know it get a plain request.
+    still come at once), each with the tokens generated so far (`continuous_usage_stats`); 1 leaves both out,
+    so engines that do not know them get a plain request.
     """
     body: dict[str, Any] = {
         "model": model,
@@ -64,6 +65,7 @@ def build_request(payload: Mapping[str, Any], model: str, stream_interval: int =
         body["ignore_eos"] = True
     if stream_interval > 1:
         body["stream_interval"] = stream_interval
+        body["stream_options"]["continuous_usage_stats"] = True
     if payload.get("messages"):
         return CHAT_COMPLETIONS_PATH, {**body, "messages": payload["messages"]}
     return COMPLETIONS_PATH, {**body, "prompt": payload["prompt"]}
@@ -134,9 +136,9 @@ class EngineClient:
             self._sent = None
             self.close()
 
-    def generate(self, payload: Mapping[str, Any], on_text: Callable[[str], None] | None = None) -> Completion:
+    def generate(self, payload: Mapping[str, Any], on_text: Callable[[str, int], None] | None = None) -> Completion:
         """Send one generation request, unless `send` already did, and read its stream to the end, passing each
-        text piece to `on_text`.
+        text piece and the tokens generated so far to `on_text` (`_read_stream`).
 
         Raises:
             EngineUnavailable, EngineServerError, EngineRejected, EngineTimeout, EngineProtocolError,
@@ -268,20 +270,23 @@ def _events(response: http.client.HTTPResponse, before_read: Callable[[], None])
 
 
 def _read_stream(
-    events: Iterator[dict[str, Any]], sent_at: float, on_text: Callable[[str], None] | None = None
+    events: Iterator[dict[str, Any]], sent_at: float, on_text: Callable[[str, int], None] | None = None
 ) -> Completion:
     """Collect text, finish reason, usage and time to first token from the stream's chunks.
 
     Each choice that carries tokens counts, even with no text (a special token); a chat stream's opening
     choice, which only announces the role, does not. `on_text` gets the text of each such choice, empty or
-    not: one call per token, or per `stream_interval` tokens when the workers ask for fewer events.
+    not (one call per token, or per `stream_interval` tokens when the workers ask for fewer events), and the
+    tokens generated so far: the engine's count where the chunk carries one, else one per choice.
     """
     parts: list[str] = []
     first_token_at = finish_reason = usage = None
+    tokens = 0
     for chunk in events:
         if "error" in chunk:
             raise EngineServerError(f"engine failed mid-stream: {_chunk_error(chunk)}")
         usage = chunk.get("usage") or usage
+        counted = (chunk.get("usage") or {}).get("completion_tokens")
         for choice in chunk.get("choices") or []:
             finish_reason = choice.get("finish_reason") or finish_reason
             delta = choice.get("delta") or {}
@@ -291,8 +296,9 @@ def _read_stream(
             if first_token_at is None:
                 first_token_at = time.monotonic()
             parts.append(piece)
+            tokens = counted if isinstance(counted, int) else tokens + 1
             if on_text is not None:
-                on_text(piece)
+                on_text(piece, tokens)
     usage = usage or {}
     return Completion(
         text="".join(parts),

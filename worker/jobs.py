@@ -139,19 +139,20 @@ class TokenPublisher:
         self.task_id = task_id
         self.interval = interval
         self.parts: list[str] = []
-        self.pieces = 0
+        self.tokens = 0  # generated so far, as `engine._read_stream` counts them
         self.unsent: list[str] = []
         # time.monotonic() when the request went to the engine (now if not given): where its TTFT counts from
         self.started = time.monotonic() if started is None else started
         self.first_at: float | None = None
         self.sent_at = self.started
 
-    def add(self, piece: str) -> None:
-        """Take the text of one stream event that carries tokens; empty for a token without text."""
+    def add(self, piece: str, tokens: int) -> None:
+        """Take the text of one stream event that carries tokens (empty for a token without text) and the
+        tokens generated so far."""
         now = time.monotonic()
         if self.first_at is None:
             self.first_at = now
-        self.pieces += 1
+        self.tokens = tokens
         if piece:
             self.parts.append(piece)
             self.unsent.append(piece)
@@ -170,11 +171,11 @@ class TokenPublisher:
         return text
 
     def partial(self) -> dict[str, Any]:
-        """What was generated so far: text, tokens (one per event from vLLM; events when `ENGINE_STREAM_INTERVAL` is
-        over 1) and the time to the first token, counted as for a finished job (`engine._read_stream`)."""
+        """What was generated so far: text, tokens and the time to the first token, counted as for a finished job
+        (`engine._read_stream`)."""
         return {
             contract.RESULT_TEXT: "".join(self.parts),
-            contract.RESULT_COMPLETION_TOKENS: self.pieces,
+            contract.RESULT_COMPLETION_TOKENS: self.tokens,
             contract.RESULT_TTFT: None if self.first_at is None else round(self.first_at - self.started, 4),
         }
 

@@ -14,7 +14,7 @@ import pytest
 from redis import Redis
 from rq.job import Job
 
-from tests.conftest import cpus_of_tree, wait_until
+from tests.conftest import StreamEvents, cpus_of_tree, wait_until
 from tests.e2e.conftest import E2E_MODEL, E2E_WORKERS, Service
 from worker import contract
 from worker.engine import EngineClient
@@ -193,12 +193,13 @@ def test_the_real_engine_sends_one_event_per_stream_interval_and_the_same_text(v
     answers = {}
     for interval in (1, 8):
         client = EngineClient(vllm_engine, E2E_MODEL, connect_timeout=5, read_timeout=60, stream_interval=interval)
-        pieces: list[str] = []
-        answers[interval] = (client.generate(request, pieces.append), pieces)
+        pieces = StreamEvents()
+        answers[interval] = (client.generate(request, pieces), pieces)
         client.close()
     (every_token, one_each), (batched, eights) = answers[1], answers[8]
-    assert batched.text == every_token.text and "".join(eights) == batched.text
+    assert batched.text == every_token.text and "".join(piece for piece, _ in eights) == batched.text
     assert batched.completion_tokens == every_token.completion_tokens == 24
-    assert len(one_each) == 24
-    assert len(eights) == 4  # the first token alone, then 8, 8 and the last 7
+    assert [tokens for _, tokens in one_each] == list(range(1, 25))
+    # the first token alone, then 8, 8 and the last 7, each event with vLLM's count of the tokens so far
+    assert [tokens for _, tokens in eights] == [1, 9, 17, 24]
     assert 0 < batched.time_to_first_token
