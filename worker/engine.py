@@ -285,8 +285,9 @@ def _read_stream(
     for chunk in events:
         if "error" in chunk:
             raise EngineServerError(f"engine failed mid-stream: {_chunk_error(chunk)}")
-        usage = chunk.get("usage") or usage
-        counted = (chunk.get("usage") or {}).get("completion_tokens")
+        chunk_usage = chunk.get("usage")
+        usage = chunk_usage or usage
+        counted = chunk_usage.get("completion_tokens") if chunk_usage else None
         for choice in chunk.get("choices") or []:
             finish_reason = choice.get("finish_reason") or finish_reason
             delta = choice.get("delta") or {}
