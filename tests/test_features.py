@@ -186,6 +186,59 @@ def test_stream_of_a_failed_job_ends_with_its_error(client, redis_conn, worker_e
     assert events[-1]["data"]["error_type"] == "engine_rejected"
 
 
+def token_events(redis_conn, task_id: str) -> list[str]:
+    entries = redis_conn.xrange(contract.events_key(task_id))
+    return [json.loads(fields[b"data"])["text"] for _, fields in entries if fields[b"event"] == b"token"]
+
+
+def test_a_job_nobody_streams_publishes_its_text_with_its_final_event_only(client, redis_conn, worker_env):
+    """No client reads its events live, so its worker writes no token event while it runs (one every 0.25 s
+    otherwise): the whole text goes in one, with the final event, and a later /stream still replays it."""
+    task_id = submit(client, "stand-in:slow=0.02 nobody streams")  # 40 tokens over 0.8 s
+    run_worker(redis_conn)
+    result = client.get(f"/result/{task_id}", headers=AUTH).get_json()
+    assert result["status"] == "completed"
+    assert token_events(redis_conn, task_id) == [" tick" * 40] == [result["result"]]
+    events = parse_sse(client.get(f"/stream/{task_id}", headers=AUTH).get_data(as_text=True))
+    assert [event["event"] for event in events] == ["queued", "started", "token", "completed"]
+
+
+def test_a_client_streaming_a_job_from_before_it_starts_gets_its_text_as_it_comes(client, redis_conn, worker_env):
+    task_id = submit(client, "stand-in:slow=0.02 streamed from the start")
+    response = client.get(f"/stream/{task_id}", headers=AUTH, buffered=False)  # marks the job before it starts
+    run_worker(redis_conn)
+    events = parse_sse(b"".join(response.response).decode())
+    texts = [event["data"]["text"] for event in events if event["event"] == "token"]
+    assert len(texts) >= 3  # one every 0.25 s of the 0.8 s, then the rest with the final event
+    assert "".join(texts) == events[-1]["data"]["result"] == " tick" * 40
+
+
+def test_a_client_that_starts_streaming_a_running_job_gets_its_text_so_far_at_once(client, redis_conn, worker_env):
+    """The worker had started the job, unmarked, when the client came: the web tells it (RQ's pubsub channel), and it
+    publishes what it holds with its next token."""
+    task_id = submit(client, "stand-in:slow=0.05 streamed late")  # 40 tokens over 2 s
+    worker = threading.Thread(target=run_worker, args=(redis_conn,))
+    worker.start()
+    try:
+        status = lambda: client.get(f"/status/{task_id}", headers=AUTH).get_json()["status"]  # noqa: E731
+        wait_until(lambda: status() == "processing", 5, "the job to start")
+        time.sleep(0.5)
+        assert token_events(redis_conn, task_id) == []  # nobody was reading
+        response = client.get(f"/stream/{task_id}", headers=AUTH, buffered=False)
+        connected, first_token_at, events = time.monotonic(), None, []
+        for chunk in response.response:
+            events += parse_sse(chunk.decode())
+            if first_token_at is None and any(event["event"] == "token" for event in events):
+                first_token_at = time.monotonic()
+        ended = time.monotonic()
+    finally:
+        worker.join()
+    texts = [event["data"]["text"] for event in events if event["event"] == "token"]
+    assert first_token_at - connected < 0.5 and ended - first_token_at > 0.5
+    assert len(texts[0]) >= len(" tick") * 5  # what it held: the 0.5 s before the client came
+    assert "".join(texts) == events[-1]["data"]["result"] == " tick" * 40
+
+
 def test_long_poll_returns_as_soon_as_the_final_event_is_published(client, redis_conn, worker_env):
     task_id = submit(client)
     answers = []

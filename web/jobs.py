@@ -182,6 +182,7 @@ def stream(task_id):
     after = tasks.last_event_id(request.headers.get("Last-Event-ID"))
     if after is None:
         raise InvalidHeader("Last-Event-ID must be an event id such as 1732780000000-0")
+    tasks.listen(job)
     return Response(
         stream_with_context(tasks.events(job.id, after)),
         mimetype="text/event-stream",

@@ -24,7 +24,7 @@ from flask import current_app
 from redis import Redis
 from redis.client import Pipeline
 from rq import Callback, Queue, Retry
-from rq.command import send_stop_job_command
+from rq.command import send_command, send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.rate_limit import ACQUIRE_AND_ENQUEUE_SCRIPT, RateLimit, RateLimitRegistry
@@ -422,6 +422,25 @@ def _stop_running(connection: Redis, job: Job) -> None:
     deadline = time.monotonic() + CANCEL_WAIT
     while time.monotonic() < deadline and job.get_status() == JobStatus.STARTED:
         time.sleep(0.05)
+
+
+def listen(job: Job) -> None:
+    """Have the job publish its text as it comes, for a client that reads its events live: a worker publishes a
+    job's text only then (with its final event otherwise).
+
+    The mark and the read of the job's worker go in one transaction, as the worker's start transaction names
+    the worker and reads the mark: a worker that starts the job after this sees the mark, and one that started
+    it before is told at once (contract.LISTEN_COMMAND), then publishes what it holds with the next token.
+    """
+    if contract.public_status(job.get_status(refresh=False)) not in contract.UNFINISHED_STATUSES:
+        return  # its events are all there
+    connection = redis_connection()
+    with connection.pipeline() as pipe:
+        pipe.set(contract.listen_key(job.id), 1, ex=job_lifetime())
+        pipe.hmget(job.key, "status", "worker_name")
+        _, (status, worker_name) = pipe.execute()
+    if status == JobStatus.STARTED.encode() and worker_name:
+        send_command(connection, worker_name.decode(), contract.LISTEN_COMMAND, job_id=job.id)
 
 
 def last_event_id(value: str | None) -> str | None:

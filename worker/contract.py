@@ -114,6 +114,17 @@ def cancel_key(task_id: str) -> str:
     return f"{KEY_PREFIX}cancel:{task_id}"
 
 
+def listen_key(task_id: str) -> str:
+    """Set when a client reads the job's events live (`/stream`): its worker then publishes the text as it comes.
+    Without it the text goes out with the final event only (worker/jobs.py, `TokenPublisher`)."""
+    return f"{KEY_PREFIX}listen:{task_id}"
+
+
+LISTEN_COMMAND = "publish-text"
+"""RQ worker command (on RQ's pubsub channel of the job's worker, as its stop-job) that the web sends when a client
+starts reading a running job's events: the worker publishes the text from then on, beginning with what it holds."""
+
+
 def finished_key(task_id: str) -> str:
     """A one-entry stream written with the job's final event: it is published (and its webhook sent) once,
     and long polls block on this stream, which wakes them once, not on every token event."""

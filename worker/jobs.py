@@ -33,6 +33,7 @@ from worker.exceptions import (
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import TracebackType
 
     from redis import Redis
@@ -64,6 +65,9 @@ SENT_AT = "_sent_at"
 """Attribute `send_ahead` leaves on its job: when the engine got its request, which is when the job started."""
 ATTEMPT_BEGUN = "_attempt_begun"
 """Attribute `EngineWorker` sets on a job whose attempt it began in RQ's start transaction: the cancel check's reply."""
+LISTENED = "_listened"
+"""Attribute set True on a running job once a client reads its events live: the start transaction found the web's
+mark (contract.listen_key), or the web told the worker since (contract.LISTEN_COMMAND). Never set back to False."""
 
 
 @cache
@@ -111,7 +115,8 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
             raise
         job.started_at = getattr(job, SENT_AT, job.started_at)  # RQ's is after its start transaction
         client = engine_client()
-        tokens = TokenPublisher(job.connection, job.id, worker_settings().stream_flush_interval, client.sent_at)
+        interval = worker_settings().stream_flush_interval
+        tokens = TokenPublisher(job.connection, job.id, interval, client.sent_at, lambda: getattr(job, LISTENED, False))
         try:
             completion = client.generate(payload, on_text=tokens.add)
         except EngineInterrupted:
@@ -131,13 +136,22 @@ class TokenPublisher:
     """Collect the text the engine streams and append it to the job's event stream in batches.
 
     One `token` event per `interval` seconds at most, so a fast engine costs Redis a few writes
-    per second per job, not one per token.
+    per second per job, not one per token; and none while `listened()` is false, when no client reads the
+    job's events live: the text then goes out with the final event, in one `token` event before it.
     """
 
-    def __init__(self, connection: Redis, task_id: str, interval: float, started: float | None = None):
+    def __init__(
+        self,
+        connection: Redis,
+        task_id: str,
+        interval: float,
+        started: float | None = None,
+        listened: Callable[[], bool] = lambda: True,
+    ):
         self.connection = connection
         self.task_id = task_id
         self.interval = interval
+        self.listened = listened
         self.parts: list[str] = []
         self.tokens = 0  # generated so far, as `engine._read_stream` counts them
         self.unsent: list[str] = []
@@ -156,7 +170,7 @@ class TokenPublisher:
         if piece:
             self.parts.append(piece)
             self.unsent.append(piece)
-        if now - self.sent_at >= self.interval:
+        if now - self.sent_at >= self.interval and self.listened():
             self.flush()
 
     def flush(self) -> None:
@@ -181,11 +195,15 @@ class TokenPublisher:
 
 
 def begin_attempt(job: Job, pipe: Pipeline) -> None:
-    """Queue on `pipe` the start of this attempt: the cancel check (the first reply), the attempt count in the
-    job's meta and the `started` event. The worker sends them with RQ's start transaction (one round trip)."""
+    """Queue on `pipe` the start of this attempt: the cancel check (the first reply), whether a client reads the
+    job's events live (the second), the attempt count in the job's meta and the `started` event. The worker sends
+    them with RQ's start transaction (one round trip), which also names the job's worker: the web marks a listener
+    and reads that name in one transaction, so it either comes before and is seen here, or sees the worker to tell
+    (`web.tasks.listen`)."""
     attempt = job.meta.get(contract.META_ATTEMPT, 0) + 1
     job.meta[contract.META_ATTEMPT] = attempt
     pipe.exists(contract.cancel_key(job.id))
+    pipe.exists(contract.listen_key(job.id))
     pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
     outcome.publish(pipe, job.id, contract.EVENT_STARTED, {"attempt": attempt})
 
@@ -196,7 +214,9 @@ def start_attempt(job: Job, queue_ttl: int) -> None:
     if cancelled is None:
         with job.connection.pipeline() as pipe:
             begin_attempt(job, pipe)
-            cancelled = pipe.execute()[0]
+            cancelled, listened, *_ = pipe.execute()
+        if listened:
+            setattr(job, LISTENED, True)
     if cancelled:
         raise JobCancelled("cancelled before it started")
     waited = _waited(job)

@@ -18,6 +18,9 @@
   by the time its worker can handle the failure, the worker leaves it to the sweep (`_finalize_failure`).
 - Cancel: RQ's stop-job command reaches `kill_horse`, which cuts the engine stream; the job then
   ends in RQ's canceled registry with what it had generated (see `worker.jobs.on_failure`).
+- Live text: a job publishes its text as it comes only while a client reads its events (`/stream`); the web
+  says so with a mark the start transaction reads, or, once the job runs, with a command on RQ's pubsub channel
+  (`handle_payload`).
 - Threads: the pool runs several workers in threads of one process (worker/pool.py). A job's time limit
   is therefore kept by the engine client (`EngineDeadline`), not by RQ's SIGALRM, and a worker outside
   the main thread leaves signals to the process (`stop_after_job`).
@@ -33,6 +36,7 @@ from typing import Any
 
 from loguru import logger
 from rq.callbacks import execute_failure_callback
+from rq.command import handle_command, parse_payload
 from rq.exceptions import AbandonedJobError, DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job, JobStatus
@@ -49,6 +53,7 @@ from worker.engine import EngineClient
 from worker.exceptions import WorkerShutDown
 from worker.jobs import (
     ATTEMPT_BEGUN,
+    LISTENED,
     REDIS_UNREACHABLE,
     EngineJob,
     begin_attempt,
@@ -230,6 +235,7 @@ class EngineWorker(SimpleWorker):
         self._ordered_at = 0.0
         self._priority_order = list(self._ordered_queues)
         self._engine: EngineClient | None = None  # the client of the thread running this worker's jobs
+        self._running: Job | None = None  # the job `execute_job` runs, for the pubsub thread (`handle_payload`)
         if not any(isinstance(each, TakenLineLater) for each in self.log.filters):
             self.log.addFilter(TakenLineLater())
 
@@ -335,7 +341,7 @@ class EngineWorker(SimpleWorker):
                 pipe.execute()
             self.log.info("Worker %s: stopping; job %s goes back to the front of %s", self.name, job.id, queue.name)
             return
-        self._engine = engine_client()
+        self._engine, self._running = engine_client(), job
         if job.func_name == contract.TASK_PATH:
             send_ahead(job)
         release_taken_line()
@@ -351,6 +357,7 @@ class EngineWorker(SimpleWorker):
                 beat.join()
         finally:
             self._engine.discard()  # a request sent ahead for a job that never read it
+            self._running = None
         self.set_state(WorkerStatus.IDLE)
 
     def prepare_execution(self, job: Job) -> Execution:
@@ -384,6 +391,8 @@ class EngineWorker(SimpleWorker):
         setattr(job, STARTED_HERE, True)
         if attempt_begun:
             setattr(job, ATTEMPT_BEGUN, bool(replies[0]))
+            if replies[1]:  # not set back: the web's word may have reached the pubsub thread already
+                setattr(job, LISTENED, True)
 
     def cleanup_execution(self, job: Job, pipeline: Any, execution: Execution | None = None) -> None:
         """RQ's cleanup of the execution record, with the worker's state back to idle in the same transaction."""
@@ -499,6 +508,21 @@ class EngineWorker(SimpleWorker):
             if at and (current - utcparse(at.decode())).total_seconds() >= aging
         ]
         self._ordered_queues = aged + [queue for queue in self._priority_order if queue not in aged]
+
+    def handle_payload(self, message: dict[str, Any]) -> None:
+        """RQ's worker commands, and the web's word that a client now reads the running job's events live
+        (contract.LISTEN_COMMAND): the job then publishes its text as it comes (`worker.jobs.TokenPublisher`).
+
+        RQ calls this from the worker's pubsub thread.
+        """
+        self.log.debug("Worker %s: received message: %s", self.name, message)
+        payload = parse_payload(message)
+        if payload.get("command") != contract.LISTEN_COMMAND:
+            handle_command(self, payload)
+            return
+        job = self._running
+        if job is not None and job.id == payload.get("job_id"):
+            setattr(job, LISTENED, True)
 
     def kill_horse(self, sig: Any = None) -> None:
         """Cut the running job's engine stream when RQ's stop-job command asks to stop it (a cancel).

@@ -20,9 +20,8 @@ def test_cancel_running_job_closes_the_engine_stream_and_keeps_the_partial_text(
     prompt = "stand-in:slow=0.1 cancel me"  # 40 tokens, one every 0.1 s
     response = fault_client.post("/generate", json={"prompt": prompt, "max_tokens": 64}, headers=AUTH)
     task_id = response.get_json()["task_id"]
-    wait_until(
-        lambda: fault_conn.xlen(contract.events_key(task_id)) >= 4, 20, "the job to stream a few token events"
-    )  # queued, started, then tokens
+    wait_until(lambda: fault_conn.xlen(contract.events_key(task_id)) >= 2, 20, "the job to start")  # queued, started
+    time.sleep(0.5)  # a few of its tokens (nobody streams it: its text is in no event yet)
 
     sent = time.monotonic()
     response = fault_client.delete(f"/jobs/{task_id}", headers=AUTH)
