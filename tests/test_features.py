@@ -239,6 +239,29 @@ def test_a_client_that_starts_streaming_a_running_job_gets_its_text_so_far_at_on
     assert "".join(texts) == events[-1]["data"]["result"] == " tick" * 40
 
 
+@pytest.mark.parametrize("comes", ["before", "after"])
+def test_a_client_who_comes_as_the_job_starts_gets_its_text_as_it_comes(client, redis_conn, worker_env, comes):
+    """/stream lands just before the worker's start transaction (the worker reads the mark) or just after it (the web
+    reads the worker's name and tells it): either way the job publishes its text while it runs."""
+    task_id = submit(client, f"stand-in:slow=0.05 comes {comes} the start")  # 40 tokens over 2 s
+    streams = []
+
+    class Watched(EngineWorker):
+        def prepare_job_execution(self, job, *args, **kwargs):
+            if comes == "before":
+                streams.append(client.get(f"/stream/{task_id}", headers=AUTH, buffered=False))
+            super().prepare_job_execution(job, *args, **kwargs)
+            if comes == "after":
+                streams.append(client.get(f"/stream/{task_id}", headers=AUTH, buffered=False))
+
+    run_worker(redis_conn, Watched)
+    for stream in streams:
+        stream.close()  # unread: its request context ends here
+    texts = token_events(redis_conn, task_id)
+    assert len(streams) == 1 and len(texts) >= 4  # one every 0.25 s of the 2 s (one in all without the client)
+    assert "".join(texts) == " tick" * 40
+
+
 def test_long_poll_returns_as_soon_as_the_final_event_is_published(client, redis_conn, worker_env):
     task_id = submit(client)
     answers = []
