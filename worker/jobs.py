@@ -64,7 +64,8 @@ PENDING_TEXT = "_pending_text"
 SENT_AT = "_sent_at"
 """Attribute `send_ahead` leaves on its job: when the engine got its request, which is when the job started."""
 ATTEMPT_BEGUN = "_attempt_begun"
-"""Attribute `EngineWorker` sets on a job whose attempt it began in RQ's start transaction: the cancel check's reply."""
+"""Attribute set on a job once its attempt has begun (`note_attempt`), in `EngineWorker`'s start transaction or else
+in `start_attempt`: the cancel check's reply."""
 LISTENED = "_listened"
 """Attribute set True on a running job once a client reads its events live: the start transaction found the web's
 mark (contract.listen_key), or the web told the worker since (contract.LISTEN_COMMAND). Never set back to False."""
@@ -208,16 +209,23 @@ def begin_attempt(job: Job, pipe: Pipeline) -> None:
     outcome.publish(pipe, job.id, contract.EVENT_STARTED, {"attempt": attempt})
 
 
+def note_attempt(job: Job, replies: list[Any]) -> None:
+    """Keep on the job what the replies of `begin_attempt`'s commands, first in their transaction, say: whether its
+    owner had cancelled it (ATTEMPT_BEGUN) and whether a client reads its events live (LISTENED, never set back:
+    the web's word may have reached the worker's pubsub thread already)."""
+    cancelled, listened = replies[:2]
+    setattr(job, ATTEMPT_BEGUN, bool(cancelled))
+    if listened:
+        setattr(job, LISTENED, True)
+
+
 def start_attempt(job: Job, queue_ttl: int) -> None:
     """Refuse a cancelled or expired job; begin the attempt here if the worker did not (`begin_attempt`)."""
-    cancelled = getattr(job, ATTEMPT_BEGUN, None)
-    if cancelled is None:
+    if getattr(job, ATTEMPT_BEGUN, None) is None:
         with job.connection.pipeline() as pipe:
             begin_attempt(job, pipe)
-            cancelled, listened, *_ = pipe.execute()
-        if listened:
-            setattr(job, LISTENED, True)
-    if cancelled:
+            note_attempt(job, pipe.execute())
+    if getattr(job, ATTEMPT_BEGUN):
         raise JobCancelled("cancelled before it started")
     waited = _waited(job)
     if waited > queue_ttl:

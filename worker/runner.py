@@ -52,12 +52,12 @@ from worker import contract, outcome
 from worker.engine import EngineClient
 from worker.exceptions import WorkerShutDown
 from worker.jobs import (
-    ATTEMPT_BEGUN,
     LISTENED,
     REDIS_UNREACHABLE,
     EngineJob,
     begin_attempt,
     engine_client,
+    note_attempt,
     send_ahead,
     worker_settings,
 )
@@ -390,9 +390,7 @@ class EngineWorker(SimpleWorker):
             replies = pipeline.execute()
         setattr(job, STARTED_HERE, True)
         if attempt_begun:
-            setattr(job, ATTEMPT_BEGUN, bool(replies[0]))
-            if replies[1]:  # not set back: the web's word may have reached the pubsub thread already
-                setattr(job, LISTENED, True)
+            note_attempt(job, replies)
 
     def cleanup_execution(self, job: Job, pipeline: Any, execution: Execution | None = None) -> None:
         """RQ's cleanup of the execution record, with the worker's state back to idle in the same transaction."""
