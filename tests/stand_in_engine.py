@@ -101,12 +101,12 @@ def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
             if match := re.search(r"stand-in:status=(\d+)", text):
                 status = int(match.group(1))
                 message = CONTEXT_ERROR if status == 400 else "stand-in engine failure"
-                self._json(status, {"error": {"message": message, "type": "BadRequestError", "code": status}})
+                self._error(status, message)
                 return
             interval = body.get("stream_interval", 1)
             if not isinstance(interval, int) or interval < 1:  # as vLLM, which asks for an integer of at least 1
                 message = f"stream_interval must be an integer >= 1, not {interval!r}"
-                self._json(400, {"error": {"message": message, "type": "BadRequestError", "code": 400}})
+                self._error(400, message)
                 return
             if match := re.search(r"stand-in:sleep=([\d.]+)", text):
                 time.sleep(float(match.group(1)))
@@ -114,6 +114,9 @@ def _handler_for(engine: StandInEngine) -> type[BaseHTTPRequestHandler]:
                 self._stream_slowly(body, float(match.group(1)), text)
                 return
             self._stream(body, interval, drop="stand-in:drop" in text)
+
+        def _error(self, status: int, message: str) -> None:
+            self._json(status, {"error": {"message": message, "type": "BadRequestError", "code": status}})
 
         def _json(self, status: int, payload: dict[str, Any]) -> None:
             data = json.dumps(payload).encode()
