@@ -28,7 +28,7 @@ def build_command(
     # every job opened a new one, on a server whose process shares the cores with the model.
     env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(settings.http_keepalive)
     if settings.profile == "cpu":
-        argv += ["--dtype", settings.cpu_dtype]
+        argv += ["--dtype", "bfloat16"]
         env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kvcache_space)
         if settings.single_process:
             # vLLM's CPU default runs the model in a worker process on all cores but one, where its engine

@@ -18,8 +18,6 @@ DEFAULT_KVCACHE_SPACE = 1  # GiB of KV cache for the CPU engine (~46k tokens of 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.90  # fraction of the GPU's memory vLLM may take
 DEFAULT_START_TIMEOUT = 900  # seconds to wait for the engine's /health (GPU cold starts are slow)
 DEFAULT_HTTP_KEEPALIVE = 300  # seconds vLLM's HTTP server keeps an idle connection open (vLLM's default: 5)
-CPU_DTYPES = ("auto", "bfloat16", "float16", "float32")
-CPUINFO = Path("/proc/cpuinfo")
 
 
 SettingsError = contract.SettingsError
@@ -38,7 +36,6 @@ class EngineSettings:
     http_keepalive: int  # seconds the engine keeps a worker's idle connection open
     kvcache_space: int  # GiB, cpu profile
     single_process: bool  # cpu profile: the model computes in vLLM's engine process, on every core
-    cpu_dtype: str  # cpu profile: the weights' and activations' type, `auto` resolved (`cpu_dtype`)
     enforce_eager: bool
     gpu_memory_utilization: float
     max_num_seqs: int
@@ -71,7 +68,6 @@ class EngineSettings:
             http_keepalive=contract.env_int(env, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", DEFAULT_HTTP_KEEPALIVE, minimum=1),
             kvcache_space=contract.env_int(env, "VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_SPACE, minimum=1),
             single_process=contract.flag(env.get("CPU_ENGINE_SINGLE_PROCESS")),
-            cpu_dtype=cpu_dtype(env.get("CPU_ENGINE_DTYPE") or "auto"),
             enforce_eager=contract.flag(env.get("ENFORCE_EAGER") or str(profile == "cpu")),
             gpu_memory_utilization=contract.env_float(
                 env, "GPU_MEMORY_UTILIZATION", DEFAULT_GPU_MEMORY_UTILIZATION, positive=True
@@ -88,33 +84,6 @@ class EngineSettings:
                 f"GPU_MEMORY_UTILIZATION is a fraction, at most 1, not {settings.gpu_memory_utilization:g}"
             )
         return settings
-
-
-def cpu_dtype(value: str) -> str:
-    """Resolve CPU_ENGINE_DTYPE: `auto` is bfloat16, or float32 on a CPU with AMX.
-
-    Where the CPU has AMX, vllm-cpu 0.32 computes bfloat16 attention with its AMX kernel, which gave wrong tokens
-    for the CPU profile's model ("What is the capital of France?" answered "L'Étoile, la Marseillaise, la femme,
-    ..."); float32 (and float16) take its other kernel and answered "The capital of France is Paris."
-
-    Raises:
-        SettingsError: for a value other than auto, bfloat16, float16 or float32.
-    """
-    value = value.strip().lower()
-    if value not in CPU_DTYPES:
-        raise SettingsError(f"CPU_ENGINE_DTYPE must be one of {', '.join(CPU_DTYPES)}, not {value!r}")
-    if value != "auto":
-        return value
-    return "float32" if has_amx() else "bfloat16"
-
-
-def has_amx() -> bool:
-    """Whether this CPU has AMX tiles, as Linux lists them in /proc/cpuinfo (False where there is no such file)."""
-    try:
-        text = CPUINFO.read_text()
-    except OSError:
-        return False
-    return any(line.startswith("flags") and "amx_tile" in line.split() for line in text.splitlines())
 
 
 def parse_device(device: str) -> tuple[str, str | None]:

@@ -7,24 +7,10 @@ import sys
 import pytest
 from loguru import logger
 
-from inference_server import settings as engine_settings
 from inference_server.command import SERVER_MODULE, build_command, default_model
 from inference_server.settings import EngineSettings, SettingsError, parse_device
 from inference_server.supervisor import EXIT_NEVER_HEALTHY, supervise
 from tests.conftest import free_port
-
-CPUINFO_FLAGS = "flags\t\t: fpu sse sse2 avx avx2 avx512f avx512_bf16"
-"""The flags line of a CPU without AMX, as /proc/cpuinfo writes it."""
-AMX_FLAGS = " amx_bf16 amx_tile amx_int8"
-
-
-@pytest.fixture(autouse=True)
-def cpuinfo(tmp_path, monkeypatch):
-    """The CPU the commands are built for: one without AMX unless a test writes AMX_FLAGS into it."""
-    path = tmp_path / "cpuinfo"
-    path.write_text(f"processor\t: 0\n{CPUINFO_FLAGS}\n\nprocessor\t: 1\n{CPUINFO_FLAGS}\n")
-    monkeypatch.setattr(engine_settings, "CPUINFO", path)
-    return path
 
 
 @pytest.fixture
@@ -54,32 +40,6 @@ def test_cpu_profile_command():
         "--enforce-eager",
     ]  # fmt: skip
     assert env == {"PATH": "/bin", "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "300", "VLLM_CPU_KVCACHE_SPACE": "1"}
-
-
-def test_cpu_profile_computes_in_float32_on_a_cpu_with_amx(cpuinfo):
-    cpuinfo.write_text(cpuinfo.read_text().replace(CPUINFO_FLAGS, CPUINFO_FLAGS + AMX_FLAGS))
-    argv, _ = command_for({})
-    assert argv[argv.index("--dtype") + 1] == "float32"
-    argv, _ = command_for({"CPU_ENGINE_DTYPE": "bfloat16"})
-    assert argv[argv.index("--dtype") + 1] == "bfloat16"
-
-
-@pytest.mark.parametrize(("value", "expected"), [("", "bfloat16"), ("auto", "bfloat16"), ("Float16", "float16")])
-def test_cpu_profile_dtype_setting(value, expected):
-    argv, _ = command_for({"CPU_ENGINE_DTYPE": value})
-    assert argv[argv.index("--dtype") + 1] == expected
-
-
-def test_cpu_profile_dtype_where_the_cpu_is_not_listed(cpuinfo):
-    cpuinfo.unlink()
-    argv, _ = command_for({})
-    assert argv[argv.index("--dtype") + 1] == "bfloat16"
-
-
-@pytest.mark.parametrize("value", ["fp32", "half", "float64"])
-def test_cpu_profile_dtype_refuses_others(value):
-    with pytest.raises(SettingsError, match="CPU_ENGINE_DTYPE must be one of auto, bfloat16, float16, float32"):
-        EngineSettings.from_env({"CPU_ENGINE_DTYPE": value})
 
 
 def test_gpu_profile_command_pins_the_gpu():
