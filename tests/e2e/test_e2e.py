@@ -20,7 +20,12 @@ from worker import contract
 from worker.engine import EngineClient
 
 pytestmark = pytest.mark.e2e
-QUESTION = "What is the capital of France?"
+# Questions whose greedy answers do not hang on rounding. For "What is the capital of France?" SmolLM2's first
+# token is a near-tie ("The" 0.155, "L" 0.140 in float32), and vLLM's bfloat16 on a CPU with AMX picks "L"
+# ("L'Étoile, la Marseillaise, ..."). Here the first tokens lead by 0.44 or more (chat) and 0.70 (prompt).
+QUESTION = "What is the capital of Japan?"
+ANSWER = "Tokyo"
+PROMPT, COMPLETION = "The capital of France is", "Paris"
 
 
 def submit(service: Service, body: dict) -> str:
@@ -63,7 +68,7 @@ def test_chat_question_is_answered_by_the_real_model(service):
     task_id = submit(service, {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 40, "temperature": 0})
     body = wait_result(service, task_id)
     assert body["status"] == "completed", body
-    assert "Paris" in body["result"]
+    assert ANSWER in body["result"]
     assert_consistent(body["metrics"])
     status = httpx.get(f"{service.url}/status/{task_id}", headers=service.headers).json()
     assert status["status"] == "completed"
@@ -72,10 +77,10 @@ def test_chat_question_is_answered_by_the_real_model(service):
 
 
 def test_prompt_is_completed_by_the_real_model(service):
-    task_id = submit(service, {"prompt": f"Q: {QUESTION}\nA:", "max_tokens": 20, "temperature": 0, "stop": ["\n"]})
+    task_id = submit(service, {"prompt": PROMPT, "max_tokens": 20, "temperature": 0, "stop": ["\n"]})
     body = wait_result(service, task_id)
     assert body["status"] == "completed", body
-    assert "Paris" in body["result"]
+    assert COMPLETION in body["result"]
     assert "\n" not in body["result"]
     assert_consistent(body["metrics"])
 
@@ -157,7 +162,7 @@ def test_stream_shows_the_real_engine_tokens_live_and_resumes(service):
     assert names[0] == "queued" and "started" in names and names[-1] == "completed"
     text = "".join(event["data"]["text"] for event in events if event["event"] == "token")
     assert text == events[-1]["data"]["result"] == wait_result(service, task_id)["result"]
-    assert "Paris" in text
+    assert ANSWER in text
     with httpx.stream("GET", url, headers={**service.headers, "Last-Event-ID": events[2]["id"]}, timeout=30) as again:
         assert list(read_events(again)) == events[3:]
 
