@@ -22,7 +22,8 @@ from worker.engine import EngineClient
 pytestmark = pytest.mark.e2e
 # Questions whose greedy answers do not hang on rounding. For "What is the capital of France?" SmolLM2's first
 # token is a near-tie ("The" 0.155, "L" 0.140 in float32), and vLLM's bfloat16 on a CPU with AMX picks "L"
-# ("L'Étoile, la Marseillaise, ..."). Here the first tokens lead by 0.44 or more (chat) and 0.70 (prompt).
+# ("L'Étoile, la Marseillaise, ..."). Here each token up to the answer leads the next likeliest by 0.44 or more
+# (chat), and the answer's own token by 0.70 (prompt), in float32 and in bfloat16 on that CPU.
 QUESTION = "What is the capital of Japan?"
 ANSWER = "Tokyo"
 PROMPT, COMPLETION = "The capital of France is", "Paris"
