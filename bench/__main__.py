@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import os
 import platform
@@ -59,10 +60,18 @@ def stream_interval() -> int:
     return contract.env_int(os.environ, "ENGINE_STREAM_INTERVAL", DEFAULT_ENGINE_STREAM_INTERVAL, minimum=1)
 
 
+def plan(engine: str, scale: int) -> tuple[int, dict[int, int], dict[int, int]]:
+    """An engine's PLAN at `scale`: tokens per request, requests at each level, and the number of each level's first
+    prompt (the levels run in LEVELS' order, each on prompts of its own; what follows them starts at the sum)."""
+    max_tokens, counts = PLAN[engine]
+    counts = {level: counts[level] * scale for level in LEVELS}
+    starts = dict(zip(LEVELS, itertools.accumulate(counts.values(), initial=0), strict=False))
+    return max_tokens, counts, starts
+
+
 def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, scale: int) -> dict:
     """Direct vs through the queue at each level, then the one-at-a-time design at c=8."""
-    max_tokens, counts = PLAN[engine]
-    counts = {level: count * scale for level, count in counts.items()}
+    max_tokens, counts, starts = plan(engine, scale)
     interval = stream_interval()
     direct = functools.partial(load.direct, engine_url=engine_url, max_tokens=max_tokens, stream_interval=interval)
     out: dict = {"max_tokens": max_tokens, "service_cpus": stack.bound_cpus(), "levels": {}}
@@ -75,8 +84,8 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     # about 2 ms more, and at c=1 Redis hands each job to the worker that has waited longest).
     warm = functools.partial(load.through_api, api_url=api_url, max_tokens=WARM_UP_TOKENS, wait=WAIT)
     run(load.closed_loop(lambda c, i: warm(c, index=i), 2 * max(LEVELS), max(LEVELS), WARM_UP_FIRST))
-    first = 0
     for level in LEVELS:
+        first = starts[level]
         print(f"[{engine}] c={level}: {counts[level]} requests direct, then through the queue", flush=True)
         cores: dict[str, dict[str, float]] = {}  # the closed loops' CPU use (c=1 alternates the ways instead)
         if level == 1:  # each prompt direct, through the queue, then direct again: within seconds, not minutes
@@ -110,7 +119,7 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
         if level == 1:
             entry["engine_repeat"] = load.repeat_difference_ms(direct_samples, again)
         out["levels"][level] = entry
-        first += counts[level]
+    first = sum(counts.values())
     if engine in SHORT_C1:
         tokens, count = SHORT_C1[engine][0], SHORT_C1[engine][1] * scale
         print(f"[{engine}] c=1 with {tokens}-token requests: {count} prompts", flush=True)
@@ -149,7 +158,7 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
 def peer_suite(stack: Stack, scale: int) -> dict:
     """llama.cpp's server, direct, with the prompts and tokens of the vLLM levels in PEER_LEVELS; skipped, saying
     why, where it cannot be started."""
-    max_tokens, counts = PLAN["vllm-cpu"]
+    max_tokens, counts, starts = plan("vllm-cpu", scale)
     try:
         url = stack.llama_cpp(max(PEER_LEVELS))
     except PeerUnavailable as exc:
@@ -159,15 +168,11 @@ def peer_suite(stack: Stack, scale: int) -> dict:
     out: dict = {"max_tokens": max_tokens, "slots": max(PEER_LEVELS), "levels": {}}
     # llama.cpp's server closes the connection after each streamed answer: a new one for each request.
     loop = functools.partial(load.closed_loop, keep_alive=False)
-    run(loop(lambda c, i: direct(c, index=i), counts[1] * scale, 1))  # warm, as the vLLM levels
-    first = 0
-    for level in LEVELS:  # the vLLM levels' prompt numbers, in their order
-        count = counts[level] * scale
-        if level in PEER_LEVELS:
-            print(f"[llama.cpp] c={level}: {count} requests direct", flush=True)
-            samples, wall, errors = run(loop(lambda c, i: direct(c, index=i), count, level, first))
-            out["levels"][level] = load.summarize(samples, wall, errors)
-        first += count
+    run(loop(lambda c, i: direct(c, index=i), counts[1], 1))  # warm, as the vLLM levels
+    for level in PEER_LEVELS:
+        print(f"[llama.cpp] c={level}: {counts[level]} requests direct", flush=True)
+        samples, wall, errors = run(loop(lambda c, i: direct(c, index=i), counts[level], level, starts[level]))
+        out["levels"][level] = load.summarize(samples, wall, errors)
     stack.stop(stack.started["llama.cpp"])
     return out
 
