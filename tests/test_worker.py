@@ -688,3 +688,49 @@ def sweep_after_taker_died(redis_conn, task_id: str) -> None:
     redis_conn.set(queue.intermediate_queue.get_first_seen_key(task_id), time.time() - 120)  # a sweep 2 min later
     queue.intermediate_queue.cleanup(sweeper, queue)
     assert queue.intermediate_queue.get_job_ids() == []
+
+
+class _DumpsOnly:
+    dumps = staticmethod(lambda obj: b"")
+
+
+class _LoadsBlocked:
+    dumps = staticmethod(lambda obj: b"")
+    loads = None
+
+
+@pytest.mark.parametrize("candidate", ["DefaultSerializer", "JSONSerializer", "json instance", "object", "dumps only",
+                                       "loads None", "module"])  # fmt: skip
+def test_the_quick_serializer_check_answers_as_rqs_protocol(candidate):
+    import pickle
+
+    from rq import queue as rq_queue  # keeps RQ's own Protocol, imported before any swap
+    from rq.serializers import DefaultSerializer, JSONSerializer
+
+    value = {
+        "DefaultSerializer": DefaultSerializer,
+        "JSONSerializer": JSONSerializer,
+        "json instance": JSONSerializer(),
+        "object": object(),
+        "dumps only": _DumpsOnly,
+        "loads None": _LoadsBlocked(),
+        "module": pickle,
+    }[candidate]
+    assert isinstance(value, contract.SerializerCheck) == isinstance(value, rq_queue.Serializer)
+
+
+def test_a_worker_has_rq_check_serializers_quickly_and_the_same(redis_conn, worker_env, monkeypatch):
+    import rq.queue
+    import rq.serializers
+    from rq.serializers import DefaultSerializer, JSONSerializer, resolve_serializer
+
+    from worker.runner import EngineWorker
+
+    monkeypatch.setattr(rq.serializers, "Serializer", rq.queue.Serializer)  # RQ's own Protocol, as at import
+    EngineWorker([rq.queue.Queue(name, connection=redis_conn) for name in contract.QUEUES], connection=redis_conn)
+    assert rq.serializers.Serializer is contract.SerializerCheck
+    assert resolve_serializer(None) is DefaultSerializer
+    assert resolve_serializer("json") is JSONSerializer
+    assert resolve_serializer(DefaultSerializer) is DefaultSerializer
+    with pytest.raises(NotImplementedError):
+        resolve_serializer(_DumpsOnly)

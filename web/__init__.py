@@ -26,6 +26,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         config = config_from_env()
         if not testing:
             contract.bind_to_service_cpus()  # with gunicorn's --preload, in the master: its workers inherit it
+    contract.quicken_rq_serializer_check()
     app = Flask(__name__)
     app.config.update(config)
     app.config.update(

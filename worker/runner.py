@@ -220,6 +220,7 @@ class EngineWorker(SimpleWorker):
     max_connection_wait_time = 2.0
 
     def __init__(self, *args: Any, **kwargs: Any):
+        contract.quicken_rq_serializer_check()
         settings = worker_settings()
         kwargs.setdefault("job_monitoring_interval", settings.job_monitoring_interval)
         kwargs.setdefault("maintenance_interval", settings.maintenance_interval)
