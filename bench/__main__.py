@@ -29,7 +29,8 @@ PLAN = {
     # engine: (max_tokens, {concurrency: requests}) for the short run; --full multiplies requests by 4.
     # Rounds of the clients: with two, one slow round moved a ratio by 0.1. A closed loop's clients all send
     # their first request in the same instant, a start that weighs on the first three rounds: 3/8 of a run
-    # of eight. The levels that targets judge run longer: 32 rounds at c=64 on the stand-in, 4 at c=32 on vLLM.
+    # of eight. The levels that targets judge run longer: 32 rounds at c=64 on the stand-in, at c=32 on vLLM 4 in each
+    # of 4 loops (MIRRORED).
     "stand-in": (64, {1: 10, 8: 32, 32: 256, 64: 2048}),
     "vllm-cpu": (64, {1: 8, 8: 16, 32: 128, 64: 128}),
 }
@@ -42,6 +43,10 @@ SHORT_C1 = {"vllm-cpu": (8, 24)}
 """c=1 again with short requests (tokens, prompts; --full multiplies the prompts by 4), for an engine whose own
 spread over PLAN's length is larger than the added-latency target: the CPU engine's two requests for the same
 64-token answer differ by up to hundreds of milliseconds, for 8 tokens by up to about twenty."""
+MIRRORED = {"vllm-cpu": (32,)}
+"""Levels measured twice: direct then through the queue, then through the queue then direct on the next prompts
+(each loop of PLAN's requests). A real engine's own pace drifts over the minutes of a level, by more than the queue
+costs on some machines; in this order a steady drift weighs on both modes alike."""
 PEER_LEVELS = (1, 8, 32)
 """The levels at which llama.cpp's server runs the vLLM levels' requests (PLAN), direct: the CPU engine a user might
 pick instead of vLLM, on the same GGUF."""
@@ -65,8 +70,21 @@ def plan(engine: str, scale: int) -> tuple[int, dict[int, int], dict[int, int]]:
     prompt (the levels run in LEVELS' order, each on prompts of its own; what follows them starts at the sum)."""
     max_tokens, counts = PLAN[engine]
     counts = {level: counts[level] * scale for level in LEVELS}
-    starts = dict(zip(LEVELS, itertools.accumulate(counts.values(), initial=0), strict=False))
+    prompts = [counts[level] * passes(engine, level) for level in LEVELS]
+    starts = dict(zip(LEVELS, itertools.accumulate(prompts, initial=0), strict=False))
     return max_tokens, counts, starts
+
+
+def passes(engine: str, level: int) -> int:
+    """How many times over a level runs its requests in each mode, each time on prompts of its own (MIRRORED)."""
+    return 2 if level in MIRRORED.get(engine, ()) else 1
+
+
+def mode_order(engine: str, level: int) -> list[tuple[str, int]]:
+    """The closed loops of a level in the order they run: (mode, pass), a pass's loops on the same prompts."""
+    if passes(engine, level) == 2:
+        return [("direct", 0), ("queue", 0), ("queue", 1), ("direct", 1)]
+    return [("direct", 0), ("queue", 0)]
 
 
 def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, scale: int) -> dict:
@@ -84,42 +102,45 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     # about 2 ms more, and at c=1 Redis hands each job to the worker that has waited longest).
     warm = functools.partial(load.through_api, api_url=api_url, max_tokens=WARM_UP_TOKENS, wait=WAIT)
     run(load.closed_loop(lambda c, i: warm(c, index=i), 2 * max(LEVELS), max(LEVELS), WARM_UP_FIRST))
+    requests = {"direct": direct, "queue": via_api}
     for level in LEVELS:
-        first = starts[level]
-        print(f"[{engine}] c={level}: {counts[level]} requests direct, then through the queue", flush=True)
-        cores: dict[str, dict[str, float]] = {}  # the closed loops' CPU use (c=1 alternates the ways instead)
+        first, order = starts[level], mode_order(engine, level)
+        ways = ", ".join("direct" if mode == "direct" else "through the queue" for mode, _ in order)
+        print(f"[{engine}] c={level}: {counts[level]} requests each: {ways}", flush=True)
+        cores = _Cores(processes)  # the closed loops' CPU use (c=1 alternates the ways instead)
         if level == 1:  # each prompt direct, through the queue, then direct again: within seconds, not minutes
             (direct_samples, direct_wall, direct_errors), (api_samples, api_wall, api_errors), (again, _, _) = run(
                 _direct_queue_direct(direct, via_api, counts[1], first)
             )
         else:
-            with _cores_used(processes, cores, "direct"):
-                direct_samples, direct_wall, direct_errors = run(
-                    load.closed_loop(lambda c, i: direct(c, index=i), counts[level], level, first)
-                )
-            with _cores_used(processes, cores, "queue"):
-                api_samples, api_wall, api_errors = run(
-                    load.closed_loop(lambda c, i: via_api(c, index=i), counts[level], level, first)
-                )
+            loops: dict[str, list] = {"direct": [], "queue": []}
+            for mode, number in order:
+                request, start = functools.partial(_indexed, requests[mode]), first + number * counts[level]
+                with cores.measuring(mode):
+                    loops[mode].append(run(load.closed_loop(request, counts[level], level, start)))
+            direct_samples, direct_wall, direct_errors = _joined(loops["direct"])
+            api_samples, api_wall, api_errors = _joined(loops["queue"])
         load.attach_server_latency(api_samples, Redis.from_url(redis_url))
         entry = {
             "direct": load.summarize(direct_samples, direct_wall, direct_errors),
             "queue": load.summarize(api_samples, api_wall, api_errors),
         }
-        if cores:
-            entry["cores"] = cores
+        if level > 1:
+            entry["cores"] = cores.used()
+            entry["order"] = [mode for mode, _ in order]
         entry["queue_vs_direct_throughput"] = round(entry["queue"]["tokens_per_s"] / entry["direct"]["tokens_per_s"], 3)
-        steady = [load.steady_tokens_per_s(samples) for samples in (direct_samples, api_samples)]
-        if level > 1 and None not in steady:  # the closed loops (c=1 alternates the ways instead)
-            entry["steady_queue_vs_direct"] = round(steady[1] / steady[0], 3)
-        first_rounds = [load.first_tokens_per_s(s, load.FIRST_ROUNDS * level) for s in (direct_samples, api_samples)]
-        if level > 1 and None not in first_rounds:
-            entry["first_rounds_queue_vs_direct"] = round(first_rounds[1] / first_rounds[0], 3)
+        if level > 1 and len(order) == 2:  # one closed loop in each mode (c=1 alternates the ways instead)
+            steady = [load.steady_tokens_per_s(samples) for samples in (direct_samples, api_samples)]
+            if None not in steady:
+                entry["steady_queue_vs_direct"] = round(steady[1] / steady[0], 3)
+            rounds = [load.first_tokens_per_s(s, load.FIRST_ROUNDS * level) for s in (direct_samples, api_samples)]
+            if None not in rounds:
+                entry["first_rounds_queue_vs_direct"] = round(rounds[1] / rounds[0], 3)
         entry["added_latency"] = load.added_latency_ms(direct_samples, api_samples)
         if level == 1:
             entry["engine_repeat"] = load.repeat_difference_ms(direct_samples, again)
         out["levels"][level] = entry
-    first = sum(counts.values())
+    first = sum(counts[level] * passes(engine, level) for level in LEVELS)
     if engine in SHORT_C1:
         tokens, count = SHORT_C1[engine][0], SHORT_C1[engine][1] * scale
         print(f"[{engine}] c=1 with {tokens}-token requests: {count} prompts", flush=True)
@@ -177,21 +198,44 @@ def peer_suite(stack: Stack, scale: int) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def _cores_used(processes: dict[str, subprocess.Popen], into: dict, mode: str):
-    """Set `into[mode]` to the cores each process (with its children) and the load generator used while the
-    block ran: CPU seconds per second of it."""
+class _Cores:
+    """The cores each process (with its children) and the load generator use while a mode's closed loops run: CPU
+    seconds per second over all of that mode's loops."""
 
-    def used() -> dict[str, float]:
-        seconds = {name: cpu_seconds(process.pid) for name, process in processes.items()}
+    def __init__(self, processes: dict[str, subprocess.Popen]):
+        self.processes = processes
+        self.seconds: dict[str, Counter] = {}
+        self.wall: Counter = Counter()
+
+    def _now(self) -> dict[str, float]:
+        seconds = {name: cpu_seconds(process.pid) for name, process in self.processes.items()}
         seconds["load generator"] = own_cpu_seconds()
         return seconds
 
-    before, started = used(), time.perf_counter()
-    yield
-    wall = time.perf_counter() - started
-    after = used()
-    into[mode] = {name: round((after[name] - before[name]) / wall, 3) for name in before}
+    @contextlib.contextmanager
+    def measuring(self, mode: str):
+        before, started = self._now(), time.perf_counter()
+        yield
+        self.wall[mode] += time.perf_counter() - started
+        after = self._now()
+        self.seconds.setdefault(mode, Counter()).update({name: after[name] - before[name] for name in before})
+
+    def used(self) -> dict[str, dict[str, float]]:
+        return {
+            mode: {name: round(total / self.wall[mode], 3) for name, total in seconds.items()}
+            for mode, seconds in self.seconds.items()
+        }
+
+
+def _indexed(request, client, index: int):
+    return request(client, index=index)
+
+
+def _joined(loops: list[tuple[list, float, list]]) -> tuple[list, float, list]:
+    """One mode's closed loops as one: their samples, their summed wall time, their errors."""
+    samples = [sample for each, _, _ in loops for sample in each]
+    errors = [error for _, _, each in loops for error in each]
+    return samples, sum(wall for _, wall, _ in loops), errors
 
 
 def _direct_queue_direct(direct, via_api, count: int, first: int):

@@ -1,4 +1,5 @@
-"""The benchmark's CPU measure counts a process's threads and its children (`make bench` runs the benchmark)."""
+"""The benchmark's CPU measure counts a process's threads and its children, and its levels' prompts do not overlap
+(`make bench` runs the benchmark)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+from bench.__main__ import mode_order, plan
 from bench.stack import CLOCK_TICKS, cpu_seconds
 from tests.conftest import ROOT
 
@@ -52,3 +54,13 @@ def test_cpu_seconds_counts_the_threads_and_children_of_a_process_and_those_it_w
         os.killpg(parent.pid, signal.SIGKILL)
         parent.wait()
     assert cpu_seconds(parent.pid) == 0  # an ended process
+
+
+def test_a_mirrored_level_runs_direct_queue_queue_direct_on_two_sets_of_prompts_of_its_own():
+    max_tokens, counts, starts = plan("vllm-cpu", 1)
+    assert counts == {1: 8, 8: 16, 32: 128, 64: 128}
+    assert mode_order("vllm-cpu", 32) == [("direct", 0), ("queue", 0), ("queue", 1), ("direct", 1)]
+    assert starts == {1: 0, 8: 8, 32: 24, 64: 24 + 2 * 128}  # the second pass's prompts come before c=64's
+    assert mode_order("vllm-cpu", 64) == [("direct", 0), ("queue", 0)]
+    assert mode_order("stand-in", 32) == [("direct", 0), ("queue", 0)]
+    assert plan("vllm-cpu", 4)[2][64] == 4 * (8 + 16 + 2 * 128)
