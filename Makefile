@@ -28,7 +28,7 @@ run: setup .env
 test: setup
 	$(PY) -m pytest
 
-# Benchmark: short by default (7 to 12 minutes on 2 cores), `make bench FULL=1` for the long run.
+# Benchmark: short by default (7 to 14 minutes on 2 cores), `make bench FULL=1` for the long run.
 bench: setup $(BENCH_STAMP) wrk llama-cpp
 	$(PY) -m bench $(if $(FULL),--full)
 
