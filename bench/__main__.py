@@ -231,6 +231,7 @@ class _Cores:
 
 
 def _indexed(request, client, index: int):
+    """`request` for prompt `index`, called as `load.closed_loop` calls a request."""
     return request(client, index=index)
 
 

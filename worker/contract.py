@@ -1,6 +1,7 @@
 """The job contract shared by web and worker: queues, task path, payload and meta keys, statuses; and what all
 the service's processes share: reading their settings, logging and the CPUs they run on (SERVICE_CPUS), the
-retries with which a worker waits out a Redis outage, and which Redis errors any process sends a command again after.
+retries with which a worker waits out a Redis outage, which Redis errors any process sends a command again after, and
+how RQ checks a serializer in every process.
 
 A leaf module: it imports nothing from the project, so the web app (and the engine's supervisor) can import it
 without pulling in the worker's engine client. Web enqueues `TASK_PATH` by its dotted name.
