@@ -106,6 +106,8 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     for level in LEVELS:
         first, order = starts[level], mode_order(engine, level)
         ways = ", ".join("direct" if mode == "direct" else "through the queue" for mode, _ in order)
+        if level == 1:  # each prompt direct, through the queue, then direct again (_direct_queue_direct)
+            ways += ", direct"
         print(f"[{engine}] c={level}: {counts[level]} requests each: {ways}", flush=True)
         cores = _Cores(processes)  # the closed loops' CPU use (c=1 alternates the ways instead)
         if level == 1:  # each prompt direct, through the queue, then direct again: within seconds, not minutes
