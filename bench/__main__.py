@@ -121,8 +121,7 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
                 request, start = functools.partial(_indexed, requests[mode]), first + number * counts[level]
                 with cores.measuring(mode):
                     loops[mode].append(run(load.closed_loop(request, counts[level], level, start)))
-                samples, wall, _ = loops[mode][-1]
-                each_loop.append({"mode": mode, "tokens_per_s": round(sum(s.tokens for s in samples) / wall, 1)})
+                each_loop.append({"mode": mode, "tokens_per_s": load.summarize(*loops[mode][-1])["tokens_per_s"]})
             direct_samples, direct_wall, direct_errors = _joined(loops["direct"])
             api_samples, api_wall, api_errors = _joined(loops["queue"])
         load.attach_server_latency(api_samples, Redis.from_url(redis_url))
