@@ -524,6 +524,49 @@ def test_a_job_that_cannot_reach_the_engine_makes_every_worker_check_it_first(cl
     assert not redis_conn.exists(contract.ENGINE_DOWN_KEY)
 
 
+def test_a_worker_starting_before_the_engine_waits_without_a_warning_one_that_saw_it_warns(
+    redis_conn, worker_env, monkeypatch
+):
+    from rq import Queue
+
+    from tests.conftest import reset_worker_caches
+    from worker.runner import EngineWorker
+
+    port = free_port()
+    monkeypatch.setenv("ENGINE_URL", f"http://127.0.0.1:{port}")
+    reset_worker_caches()
+    records: list[tuple[str, str]] = []
+    sink = logger.add(lambda message: records.append((message.record["level"].name, message.record["message"])))
+    queues = [Queue(name, connection=redis_conn) for name in contract.QUEUES]
+
+    def wait_while_the_engine_comes_up(worker: EngineWorker) -> None:
+        engines: list[StandInEngine] = []  # the stand-in listens once made: made as it comes up
+        threading.Timer(1.5, lambda: engines.append(StandInEngine(port).start())).start()
+        try:
+            worker._wait_for_engine()
+        finally:
+            wait_until(lambda: bool(engines), 5, "the stand-in engine")
+            engines[0].stop()
+
+    try:
+        for seen in (False, True):
+            worker = EngineWorker(queues, connection=redis_conn)
+            worker._engine_seen = worker._engine_down = seen  # seen: up before, then marked down by a job
+            records.clear()
+            wait_while_the_engine_comes_up(worker)
+            assert worker._engine_seen
+            waiting = [record for record in records if "is not ready; waiting before taking jobs" in record[1]]
+            back = [record for record in records if record[1].startswith("engine is")]
+            if seen:  # the engine went away after this worker had used it
+                assert [level for level, _ in waiting] == ["WARNING"]
+                assert back[0][1].startswith("engine is back after")
+            else:  # starting with the engine, as `make run` does
+                assert [level for level, _ in waiting] == ["INFO"]
+                assert back[0][1].startswith("engine is ready after")
+    finally:
+        logger.remove(sink)
+
+
 def test_rq_suspend_stops_the_workers_after_the_job_they_are_running(client, redis_conn, worker_env):
     from rq.suspension import resume, suspend
 

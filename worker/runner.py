@@ -624,16 +624,18 @@ class EngineWorker(SimpleWorker):
             return
         settings = worker_settings()
         waiting_since = None
+        # A worker that has not seen the engine yet is starting with it (`make run` starts both): no warning then.
+        level, ready = ("WARNING", "is back") if self._engine_seen else ("INFO", "is ready")
         while not self._stop_requested:
             if engine_client().is_ready(settings.engine_health_path):
                 if waiting_since is not None:
-                    logger.info("engine is back after {:.0f} s; taking jobs again", time.monotonic() - waiting_since)
+                    logger.info("engine {} after {:.0f} s; taking jobs", ready, time.monotonic() - waiting_since)
                 self._engine_seen, self._engine_down = True, False
                 self.connection.delete(contract.ENGINE_DOWN_KEY)
                 return
             if waiting_since is None:
                 waiting_since = time.monotonic()
-                logger.warning("engine at {} is not ready; waiting before taking jobs", settings.engine_url)
+                logger.log(level, "engine at {} is not ready; waiting before taking jobs", settings.engine_url)
             self.heartbeat()
             if self.should_run_maintenance_tasks:
                 self.run_maintenance_tasks()
