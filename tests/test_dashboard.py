@@ -53,3 +53,36 @@ def test_dashboard_lists_cancelled_jobs_as_canceled(redis_url, redis_conn, clien
     assert normal["canceled_job_registry_count"] == 1
     listed = dashboard.get(f"/0/data/jobs/{contract.QUEUE_NORMAL}/canceled/8/asc/1.json").get_json()
     assert [job["id"] for job in listed["jobs"]] == [task_id]
+
+
+def test_every_queue_and_worker_is_shown_from_the_workers_start(redis_url, redis_conn, worker_env):
+    """Before any job: rq-dashboard and `rq info` show the queues once the workers have started, and `rq info` (which
+    shows the workers of the queues it lists) every worker, the webhook workers too."""
+    from click.testing import CliRunner
+    from rq import Queue
+    from rq.cli import main as rq_cli
+
+    from worker.runner import EngineWorker
+    from worker.webhooks import WebhookWorker
+
+    names = [*contract.QUEUES, contract.QUEUE_WEBHOOKS]
+    workers = [
+        EngineWorker([Queue(name, connection=redis_conn) for name in contract.QUEUES], connection=redis_conn),
+        WebhookWorker([Queue(contract.QUEUE_WEBHOOKS, connection=redis_conn)], connection=redis_conn),
+    ]
+    assert Queue.all(connection=redis_conn) == []  # RQ lists a queue at its first job
+    for worker in workers:
+        worker.bootstrap()
+    try:
+        assert sorted(queue.name for queue in Queue.all(connection=redis_conn)) == sorted(names)
+        dashboard = create_dashboard({"REDIS_URL": redis_url}).test_client()
+        shown = dashboard.get("/0/data/queues.json").get_json()["queues"]
+        assert sorted(queue["name"] for queue in shown) == sorted(names)
+        info = CliRunner().invoke(rq_cli, ["info", "--url", redis_url])
+        assert info.exit_code == 0, info.output
+        assert f"{len(names)} queues" in info.output
+        assert "2 workers" in info.output
+        assert all(worker.name in info.output for worker in workers)
+    finally:
+        for worker in workers:
+            worker.register_death()

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,14 @@ ON_FAILURE_PATH = "worker.jobs.on_failure"
 DELIVER_WEBHOOK_PATH = "worker.webhooks.deliver"
 # Jobs use RQ's default serializer: every RQ tool (WorkerPool, registries' cleanup, rq CLI,
 # rq-dashboard) reads them without being told otherwise.
+
+
+def list_queues(connection: Any, queues: Sequence[Any]) -> None:
+    """Add RQ `queues` to RQ's set of queues, as RQ does at a queue's first job, so that `rq info` and rq-dashboard
+    show each queue from the start (and `rq info`, which shows the workers of the queues it lists, every worker)."""
+    if queues:
+        connection.sadd(queues[0].redis_queues_keys, *(queue.key for queue in queues))
+
 
 # --- Payload (the single argument of the task) -------------------------------------------
 

@@ -247,8 +247,10 @@ class EngineWorker(SimpleWorker):
                 raise TypeError(f"{queue} is not a Queue")
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
-        """Start as RQ does, and ask Redis its version now: RQ otherwise asks when taking the first job."""
+        """Start as RQ does, list the worker's queues for `rq info` and rq-dashboard (`contract.list_queues`), and ask
+        Redis its version now: RQ otherwise asks when taking the first job."""
         super().bootstrap(*args, **kwargs)
+        contract.list_queues(self.connection, self.queues)
         self.get_redis_server_version()
 
     def _install_signal_handlers(self) -> None:

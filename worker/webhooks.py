@@ -153,6 +153,14 @@ def deliver(task_id: str, url: str, body: dict[str, Any]) -> int:
     return response.status_code
 
 
+class WebhookWorker(SimpleWorker):
+    """RQ's SimpleWorker, listing its queue for `rq info` and rq-dashboard when it starts (`contract.list_queues`)."""
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        super().bootstrap(*args, **kwargs)
+        contract.list_queues(self.connection, self.queues)
+
+
 def main() -> None:
     """Work the webhook queue with WEBHOOK_WORKERS processes until SIGTERM/SIGINT."""
     with contract.settings_checked():
@@ -167,7 +175,7 @@ def main() -> None:
         [contract.QUEUE_WEBHOOKS],
         connection=Redis.from_url(settings.redis_url, retry=contract.redis_retry(contract.REDIS_OUTAGE_WAIT)),
         num_workers=settings.workers,
-        worker_class=SimpleWorker,
+        worker_class=WebhookWorker,
     )
     pool.start(logging_level=settings.log_level)
 
