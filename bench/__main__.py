@@ -100,11 +100,11 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     processes = {"engine": stack.started[engine], "Redis": stack.started["redis"], "web": web, "workers": pool}
     via_api = functools.partial(load.through_api, api_url=api_url, max_tokens=max_tokens, wait=WAIT)
     # Warm the engine on the c=1 prompts (their prefill cached, as for every request after the first), briefly.
-    run(load.closed_loop(lambda c, i: warm_direct(c, index=i), counts[1], 1))
+    run(load.closed_loop(warm_direct, counts[1], 1))
     # Warm the queue path too: every worker runs a few short jobs first (a fresh worker's first job costs
     # about 2 ms more, and at c=1 Redis hands each job to the worker that has waited longest).
     warm = functools.partial(load.through_api, api_url=api_url, max_tokens=WARM_UP_TOKENS, wait=WAIT)
-    run(load.closed_loop(lambda c, i: warm(c, index=i), 2 * max(LEVELS), max(LEVELS), WARM_UP_FIRST))
+    run(load.closed_loop(warm, 2 * max(LEVELS), max(LEVELS), WARM_UP_FIRST))
     requests = {"direct": direct, "queue": via_api}
     for level in LEVELS:
         first, order = starts[level], mode_order(engine, level)
@@ -112,18 +112,18 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
         if level == 1:  # each prompt direct, through the queue, then direct again (_direct_queue_direct)
             ways += ", direct"
         print(f"[{engine}] c={level}: {counts[level]} requests each: {ways}", flush=True)
-        cores = _Cores(processes)  # the closed loops' CPU use (c=1 alternates the ways instead)
         if level == 1:  # each prompt direct, through the queue, then direct again: within seconds, not minutes
             (direct_samples, direct_wall, direct_errors), (api_samples, api_wall, api_errors), (again, _, _) = run(
                 _direct_queue_direct(direct, via_api, counts[1], first)
             )
         else:
+            cores = _Cores(processes)  # the closed loops' CPU use (c=1 alternates the ways instead)
             loops: dict[str, list] = {"direct": [], "queue": []}
             each_loop: list[dict] = []
             for mode, number in order:
-                request, start = functools.partial(_indexed, requests[mode]), first + number * counts[level]
+                start = first + number * counts[level]
                 with cores.measuring(mode):
-                    loops[mode].append(run(load.closed_loop(request, counts[level], level, start)))
+                    loops[mode].append(run(load.closed_loop(requests[mode], counts[level], level, start)))
                 each_loop.append({"mode": mode, "tokens_per_s": load.summarize(*loops[mode][-1])["tokens_per_s"]})
             direct_samples, direct_wall, direct_errors = _joined(loops["direct"])
             api_samples, api_wall, api_errors = _joined(loops["queue"])
@@ -156,7 +156,7 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
         )
         short_api = functools.partial(load.through_api, api_url=api_url, max_tokens=tokens, wait=WAIT)
         warm_short = functools.partial(short_direct, max_tokens=min(tokens, WARM_UP_TOKENS))
-        run(load.closed_loop(lambda c, i: warm_short(c, index=i), count, 1, first))  # warm, as the c=1 prompts
+        run(load.closed_loop(warm_short, count, 1, first))  # warm, as the c=1 prompts
         (direct_samples, _, direct_errors), (api_samples, _, api_errors), (again, _, again_errors) = run(
             _direct_queue_direct(short_direct, short_api, count, first)
         )
@@ -174,7 +174,7 @@ def engine_suite(stack: Stack, redis_url: str, engine_url: str, engine: str, sca
     print(f"[{engine}] one-at-a-time design (1 worker) at c={ONE_AT_A_TIME_LEVEL}", flush=True)
     pool = stack.workers(redis_url, engine_url, 1)
     count = counts[ONE_AT_A_TIME_LEVEL] // ONE_AT_A_TIME_SHARE
-    samples, wall, errors = run(load.closed_loop(lambda c, i: via_api(c, index=i), count, ONE_AT_A_TIME_LEVEL, first))
+    samples, wall, errors = run(load.closed_loop(via_api, count, ONE_AT_A_TIME_LEVEL, first))
     out["one_at_a_time"] = load.summarize(samples, wall, errors)
     out["many_vs_one_at_a_time"] = round(
         out["levels"][ONE_AT_A_TIME_LEVEL]["queue"]["tokens_per_s"] / out["one_at_a_time"]["tokens_per_s"], 2
@@ -198,11 +198,11 @@ def peer_suite(stack: Stack, scale: int) -> dict:
     out: dict = {"max_tokens": max_tokens, "slots": max(PEER_LEVELS), "levels": {}}
     # llama.cpp's server closes the connection after each streamed answer: a new one for each request.
     loop = functools.partial(load.closed_loop, keep_alive=False)
-    run(loop(lambda c, i: warm_direct(c, index=i), PEER_LEVELS[1] * scale, 1))  # warm, as the vLLM levels
+    run(loop(warm_direct, PEER_LEVELS[1] * scale, 1))  # warm, as the vLLM levels
     for level, requests in PEER_LEVELS.items():
         count = requests * scale
         print(f"[llama.cpp] c={level}: {count} requests direct", flush=True)
-        samples, wall, errors = run(loop(lambda c, i: direct(c, index=i), count, level, starts[level]))
+        samples, wall, errors = run(loop(direct, count, level, starts[level]))
         out["levels"][level] = load.summarize(samples, wall, errors)
     stack.stop(stack.started["llama.cpp"])
     return out
@@ -237,11 +237,6 @@ class _Cores:
         }
 
 
-def _indexed(request, client, index: int):
-    """`request` for prompt `index`, called as `load.closed_loop` calls a request."""
-    return request(client, index=index)
-
-
 def _joined(loops: list[tuple[list, float, list]]) -> tuple[list, float, list]:
     """One mode's closed loops as one: their samples, their summed wall time, their errors."""
     samples = [sample for each, _, _ in loops for sample in each]
@@ -251,8 +246,7 @@ def _joined(loops: list[tuple[list, float, list]]) -> tuple[list, float, list]:
 
 def _direct_queue_direct(direct, via_api, count: int, first: int):
     """One client: each prompt direct, through the queue, then direct again (see `load.alternating`)."""
-    ways = [lambda c, i: direct(c, index=i), lambda c, i: via_api(c, index=i), lambda c, i: direct(c, index=i)]
-    return load.alternating(ways, count, first)
+    return load.alternating([direct, via_api, direct], count, first)
 
 
 def many_jobs(stack: Stack, redis_url: str, engine_url: str) -> dict:
@@ -261,7 +255,7 @@ def many_jobs(stack: Stack, redis_url: str, engine_url: str) -> dict:
     api_url, web = stack.web(redis_url, engine_url)
     via_api = functools.partial(load.through_api, api_url=api_url, max_tokens=MANY_JOBS_TOKENS, wait=WAIT)
     print(f"[stand-in] {MANY_JOBS} jobs at c=64", flush=True)
-    samples, wall, errors = run(load.closed_loop(lambda c, i: via_api(c, index=i), MANY_JOBS, 64, 10**6))
+    samples, wall, errors = run(load.closed_loop(via_api, MANY_JOBS, 64, 10**6))
     stack.stop(pool)
     stack.stop(web)
     time.sleep(1)

@@ -119,17 +119,22 @@ def attach_server_latency(samples: list[Sample], connection: Redis) -> None:
             sample.server_latency = ended - sample.sent_at
 
 
+Request = Callable[..., Awaitable[Sample]]
+"""A request of the closed loops, called with the client session and `index=` (`direct`, `through_api`, with the rest
+of their arguments given)."""
+
+
 async def _attempt(
-    request: Callable[[aiohttp.ClientSession, int], Awaitable[Sample]],
+    request: Request,
     client: aiohttp.ClientSession,
     index: int,
     samples: list[Sample],
     errors: list[str],
     client_number: int = 0,
 ) -> None:
-    """Run one request, keeping its sample, or its failure as an error line."""
+    """Run one request (called with the client and `index=`), keeping its sample, or its failure as an error line."""
     try:
-        sample = await request(client, index)
+        sample = await request(client, index=index)
     except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
         errors.append(f"request {index}: {exc!r}")
         return
@@ -138,7 +143,7 @@ async def _attempt(
 
 
 async def closed_loop(
-    request: Callable[[aiohttp.ClientSession, int], Awaitable[Sample]],
+    request: Request,
     count: int,
     concurrency: int,
     first: int = 0,
@@ -164,7 +169,7 @@ async def closed_loop(
 
 
 async def alternating(
-    requests: Sequence[Callable[[aiohttp.ClientSession, int], Awaitable[Sample]]], count: int, first: int = 0
+    requests: Sequence[Request], count: int, first: int = 0
 ) -> list[tuple[list[Sample], float, list[str]]]:
     """One client, each prompt sent each way in turn, so the requests for one prompt come within seconds.
 
