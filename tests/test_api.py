@@ -78,12 +78,24 @@ def test_status_and_result_of_queued_task(client):
         ({"prompt": "hi", "unknown": 1}, "unknown"),
         ({"prompt": "x" * 32_001}, "prompt"),
         (["not", "an", "object"], "body"),
+        # JSON escapes of lone surrogates (the test client sends non-ASCII escaped): no character, so no text
+        ({"prompt": "hi \ud800"}, "prompt"),
+        ({"messages": [{"role": "user", "content": "\udfff"}]}, "messages.0.content"),
+        ({"prompt": "hi", "stop": ["\ud800"]}, "stop.0"),
+        ({"prompt": "hi", "user_id": "\ud83d"}, "user_id"),
     ],
 )
 def test_bad_input_is_400_naming_the_field_and_enqueues_nothing(client, redis_conn, body, field):
     response = client.post("/generate", json=body, headers=AUTH)
     assert_error_shape(response, 400, "validation_error", field)
     assert queued_count(redis_conn) == 0
+
+
+def test_text_escaped_as_surrogate_pairs_is_accepted(client, redis_conn):
+    body = b'{"prompt": "smile \\ud83d\\ude00", "stop": ["\\u00e9"]}'  # as JSON encoders write non-ASCII text
+    response = client.post("/generate", data=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 202
+    assert queued_count(redis_conn) == 1
 
 
 def test_non_json_body_is_400(client, redis_conn):

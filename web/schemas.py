@@ -39,13 +39,28 @@ class StrictBoolean(fields.Boolean):
         return value
 
 
+class Text(fields.String):
+    """A string of Unicode text. JSON's escapes can spell a lone surrogate (`"\\ud800"`), which is no character:
+    vLLM's tokenizer refuses such a prompt with an unrelated message, and a stop string with a 500."""
+
+    default_error_messages = {"surrogate": "must be Unicode text: it holds a lone surrogate (such as \\ud800)"}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise self.make_error("surrogate") from None
+        return text
+
+
 class MessageSchema(Schema):
     role = fields.String(required=True, validate=validate.OneOf(["system", "user", "assistant"]))
-    content = fields.String(required=True, validate=validate.Length(min=1))
+    content = Text(required=True, validate=validate.Length(min=1))
 
 
 class GenerateRequestSchema(Schema):
-    prompt = fields.String(metadata={"description": "Text to complete. Give this or `messages`."})
+    prompt = Text(metadata={"description": "Text to complete. Give this or `messages`."})
     messages = fields.List(
         fields.Nested(MessageSchema),
         validate=validate.Length(min=1),
@@ -56,9 +71,9 @@ class GenerateRequestSchema(Schema):
     )
     temperature = StrictFloat(load_default=0.7, validate=validate.Range(0.0, 2.0))
     top_p = StrictFloat(load_default=1.0, validate=validate.Range(0.0, 1.0, min_inclusive=False))
-    user_id = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=256))
+    user_id = Text(load_default=None, allow_none=True, validate=validate.Length(max=256))
     stop = fields.List(
-        fields.String(validate=validate.Length(min=1)),
+        Text(validate=validate.Length(min=1)),
         load_default=None,
         allow_none=True,
         validate=validate.Length(max=8),
@@ -76,7 +91,7 @@ class GenerateRequestSchema(Schema):
             "PRIORITY_AGING seconds goes ahead of newer higher ones."
         },
     )
-    callback_url = fields.String(
+    callback_url = Text(
         load_default=None,
         allow_none=True,
         validate=validate.Length(max=2048),
