@@ -72,6 +72,9 @@ def test_status_and_result_of_queued_task(client):
         ({"prompt": "hi", "top_p": 0}, "top_p"),
         ({"prompt": "hi", "top_p": 1.5}, "top_p"),
         ({"prompt": "hi", "stop": "###"}, "stop"),
+        ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),  # vLLM takes 4
+        ({"prompt": "hi", "seed": 2**63}, "seed"),  # vLLM takes 64 bits
+        ({"prompt": "hi", "seed": -(2**63) - 1}, "seed"),
         ({"prompt": "hi", "seed": "x"}, "seed"),
         ({"prompt": "hi", "ignore_eos": 0}, "ignore_eos"),
         ({"prompt": "hi", "ignore_eos": "yes"}, "ignore_eos"),

@@ -20,7 +20,7 @@ from worker.runner import EngineWorker
 EXAMPLES = 200
 MIN_CASES = 1000
 cases: list[str] = []
-# derandomize: CI sees the same 1,500 cases every run, so a red run is reproducible and never a fluke.
+# derandomize: CI sees the same cases every run, so a red run is reproducible and never a fluke.
 FUZZ = settings(
     max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True
 )

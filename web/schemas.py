@@ -12,6 +12,10 @@ from worker import contract
 
 MAX_RESULT_WAIT = 30
 """Longest long-poll on /result, in seconds."""
+MAX_STOP = 4
+"""Most stop strings a request may give: vLLM refuses more, as OpenAI's API does."""
+SEED_RANGE = validate.Range(-(2**63), 2**63 - 1)
+"""The seeds vLLM takes (64-bit)."""
 STATUSES = [
     contract.STATUS_QUEUED,
     contract.STATUS_PROCESSING,
@@ -76,9 +80,10 @@ class GenerateRequestSchema(Schema):
         Text(validate=validate.Length(min=1)),
         load_default=None,
         allow_none=True,
-        validate=validate.Length(max=8),
+        validate=validate.Length(max=MAX_STOP),
+        metadata={"description": f"At most {MAX_STOP} strings, as vLLM and OpenAI's API take."},
     )
-    seed = fields.Integer(strict=True, load_default=None, allow_none=True)
+    seed = fields.Integer(strict=True, load_default=None, allow_none=True, validate=SEED_RANGE)
     ignore_eos = StrictBoolean(
         load_default=False,
         metadata={"description": "Keep generating past end-of-sequence up to max_tokens (vLLM); for benchmarks."},

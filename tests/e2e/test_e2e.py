@@ -16,6 +16,7 @@ from rq.job import Job
 
 from tests.conftest import StreamEvents, cpus_of_tree, wait_until
 from tests.e2e.conftest import E2E_MODEL, E2E_WORKERS, Service
+from web.schemas import MAX_STOP, SEED_RANGE
 from worker import contract
 from worker.engine import EngineClient
 
@@ -84,6 +85,17 @@ def test_prompt_is_completed_by_the_real_model(service):
     assert COMPLETION in body["result"]
     assert "\n" not in body["result"]
     assert_consistent(body["metrics"])
+
+
+def test_the_real_engine_takes_what_the_api_accepts_at_its_limits(service):
+    """The most stop strings and the widest seeds the API accepts: vLLM takes them too (a 202 does not become an
+    error)."""
+    stops, seeds = ["\n", "###", "\u00e9", "END"][:MAX_STOP], [SEED_RANGE.max, SEED_RANGE.min, -1]
+    assert len(stops) == MAX_STOP
+    ids = [submit(service, {"prompt": PROMPT, "max_tokens": 4, "stop": stops, "seed": seed}) for seed in seeds]
+    for task_id in ids:
+        body = wait_result(service, task_id)
+        assert body["status"] == "completed", body
 
 
 def test_concurrent_jobs_are_in_flight_together(service):
