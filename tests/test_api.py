@@ -94,6 +94,20 @@ def test_bad_input_is_400_naming_the_field_and_enqueues_nothing(client, redis_co
     assert queued_count(redis_conn) == 0
 
 
+@pytest.mark.parametrize("prompt", ["\x1d", "\x85 ", "\u3000\t", "\ufeff", "\u200b", " a ", "\x1ca"])
+def test_the_spec_and_the_api_agree_on_what_a_blank_prompt_is(client, prompt):
+    """The spec's pattern for `prompt`, read as schemathesis and other clients read it (ECMA-262 regular
+    expressions), accepts exactly the prompts the API takes."""
+    import jsonschema_rs
+
+    spec = client.get("/openapi.json").get_json()
+    prompt_schema = spec["components"]["schemas"]["GenerateRequest"]["properties"]["prompt"]
+    documented = jsonschema_rs.validator_for({"type": "string", "pattern": prompt_schema["pattern"]})
+    response = client.post("/generate", json={"prompt": prompt}, headers=AUTH)
+    assert response.status_code in (202, 400)
+    assert (response.status_code == 202) == documented.is_valid(prompt) == bool(prompt.strip())
+
+
 def test_text_escaped_as_surrogate_pairs_is_accepted(client, redis_conn):
     body = b'{"prompt": "smile \\ud83d\\ude00", "stop": ["\\u00e9"]}'  # as JSON encoders write non-ASCII text
     response = client.post("/generate", data=body, headers={**AUTH, "Content-Type": "application/json"})

@@ -461,6 +461,8 @@ def test_batch_with_one_bad_request_is_rejected_whole(app_config, redis_conn):
     too_many = client.post("/generate/batch", json={"requests": [{"prompt": "x"}] * 4}, headers=AUTH)
     assert too_many.status_code == 400
     assert "at most 3 requests" in too_many.get_json()["error_message"]
+    spec = client.get("/openapi.json").get_json()  # as the spec says, so its clients and schemathesis know
+    assert spec["components"]["schemas"]["BatchRequest"]["properties"]["requests"]["maxItems"] == 3
     assert client.post("/generate/batch", json={"requests": []}, headers=AUTH).status_code == 400
     assert sum(Queue(name, connection=redis_conn).count for name in contract.QUEUES) == 0
 

@@ -20,7 +20,7 @@ from worker.runner import EngineWorker
 EXAMPLES = 200
 MIN_CASES = 1000
 cases: list[str] = []
-# derandomize: CI sees the same cases every run, so a red run is reproducible and never a fluke.
+# derandomize, no database: hypothesis draws without a random seed and replays nothing from earlier runs.
 FUZZ = settings(
     max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True
 )

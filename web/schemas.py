@@ -12,6 +12,9 @@ from worker import contract
 
 MAX_RESULT_WAIT = 30
 """Longest long-poll on /result, in seconds."""
+NOT_BLANK = r"[^\t\n\v\f\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+"""A character that is not whitespace: the characters `str.isspace` counts, spelled so that Python's regular
+expressions and the spec's (ECMA-262, whose `\\s` differs from Python's) read the class alike."""
 MAX_STOP = 4
 """Most stop strings a request may give: vLLM refuses more, as OpenAI's API does."""
 SEED_RANGE = validate.Range(-(2**63), 2**63 - 1)
@@ -113,7 +116,7 @@ class GenerateRequestSchema(Schema):
         prompt, messages = data.get("prompt"), data.get("messages")
         if (prompt is None) == (messages is None):
             raise ValidationError("give exactly one of `prompt` and `messages`", field_name="prompt")
-        if prompt is not None and not prompt.strip():
+        if prompt is not None and not re.search(NOT_BLANK, prompt):
             raise ValidationError("must not be empty", field_name="prompt")
         size = len(prompt) if prompt is not None else sum(len(m["content"]) for m in messages)
         if size > config["MAX_PROMPT_CHARS"]:
@@ -259,13 +262,14 @@ class IndexSchema(Schema):
 
 
 def document_request_limits(spec: Any, config: dict[str, Any]) -> None:
-    """Write the configured limits and the prompt-or-messages rule into the spec's GenerateRequest.
+    """Write the configured limits and the prompt-or-messages rule into the spec's GenerateRequest and BatchRequest.
 
     marshmallow fields cannot carry limits that come from the app's config, nor "exactly one of".
     """
+    spec.components.schemas["BatchRequest"]["properties"]["requests"]["maxItems"] = config["MAX_BATCH"]
     schema = spec.components.schemas["GenerateRequest"]
     properties = schema["properties"]
-    properties["prompt"].update(minLength=1, maxLength=config["MAX_PROMPT_CHARS"], pattern=r"\S")
+    properties["prompt"].update(minLength=1, maxLength=config["MAX_PROMPT_CHARS"], pattern=NOT_BLANK)
     properties["max_tokens"].update(minimum=1, maximum=config["MAX_NEW_TOKENS"], default=config["DEFAULT_MAX_TOKENS"])
     properties["top_p"]["exclusiveMinimum"] = True
     schema["oneOf"] = [{"required": ["prompt"]}, {"required": ["messages"]}]
