@@ -194,7 +194,7 @@ def peer_suite(stack: Stack, scale: int) -> dict:
         print(f"[llama.cpp] skipped: {exc}", flush=True)
         return {"skipped": str(exc)}
     direct = functools.partial(load.direct, engine_url=url, max_tokens=max_tokens)
-    warm_direct = functools.partial(load.direct, engine_url=url, max_tokens=WARM_UP_TOKENS)
+    warm_direct = functools.partial(direct, max_tokens=WARM_UP_TOKENS)
     out: dict = {"max_tokens": max_tokens, "slots": max(PEER_LEVELS), "levels": {}}
     # llama.cpp's server closes the connection after each streamed answer: a new one for each request.
     loop = functools.partial(load.closed_loop, keep_alive=False)
