@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import select
 import time
 
 import pytest
@@ -224,23 +223,3 @@ def test_metrics_needs_a_key_and_counts_jobs_by_state(client, redis_conn):
     assert 'llm_queue_jobs{queue="llm-normal",state="canceled"} 1.0' in text
     assert 'llm_queue_jobs{queue="llm-normal",state="failed"} 0.0' in text
     assert "llm_queue_workers 0.0" in text
-
-
-@pytest.mark.parametrize("extension", ["redis", "redis_blocking"])
-def test_idle_connection_check_does_not_go_through_the_select_module(app, monkeypatch, extension):
-    """Under gunicorn's gevent workers `select.poll` is gevent's, which switches to its hub: the web's check of a
-    pooled connection answers without it, and leaves a connection with a reply waiting to redis-py's own check."""
-    connection = app.extensions[extension].connection_pool.get_connection()
-    try:
-        with monkeypatch.context() as patched:
-            patched.setattr(select, "poll", lambda: pytest.fail("the check used select.poll"))
-            assert connection.can_read() is False
-        connection.send_command("PING")
-        deadline = time.monotonic() + 5
-        while not connection.can_read() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert connection.can_read() is True
-        assert connection.read_response() in (b"PONG", "PONG", True)
-        assert connection.can_read() is False
-    finally:
-        app.extensions[extension].connection_pool.release(connection)

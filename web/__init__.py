@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import select
 from typing import Any
 
 from flask import Flask
 from flask_swagger_ui import get_swaggerui_blueprint
-from gevent import monkey
 from redis import Redis
 from redis.backoff import NoBackoff
-from redis.connection import DefaultParser
 from redis.retry import Retry
 
 from web import errors
@@ -18,30 +15,6 @@ from web.api import Api
 from web.schemas import MAX_RESULT_WAIT, document_request_limits
 from web.settings import config_from_env
 from worker import contract
-
-_POLL = monkey.get_original("select", "poll")  # the system's poll(2), also once gevent has patched `select`
-
-
-class ReplyParser(DefaultParser):
-    """redis-py's reply parser, whose check for unread data on an idle connection is a plain poll(2) that returns
-    at once.
-
-    redis-py asks that of each connection it takes from its pool, before every command. With hiredis it polls
-    through the `select` module, which gunicorn's gevent workers patch: gevent's poll starts a watcher and
-    switches to its hub for a turn of the event loop, about 19 us against 0.8 us, and 9% of gunicorn's busy time
-    at full load. Where the socket has something to read, or the reader something buffered, redis-py's own check
-    decides, as it does for a call with a timeout.
-    """
-
-    def can_read(self, timeout: float = 0) -> bool:
-        sock, reader = getattr(self, "_sock", None), getattr(self, "_reader", None)
-        if timeout == 0 and sock is not None and reader is not None and not reader.has_data():
-            if not (hasattr(sock, "pending") and sock.pending()):  # an SSL socket's decrypted bytes
-                poller = _POLL()
-                poller.register(sock, select.POLLIN)
-                if not poller.poll(0):
-                    return False
-        return super().can_read(timeout)
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
@@ -72,20 +45,19 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if not testing:
         contract.configure_logging(app.config["LOG_DIR"], app.config["LOG_LEVEL"])
 
+    # Under gunicorn's gevent workers redis-py's check of a pooled connection before each command polls through
+    # gevent: a turn of its hub. A plain poll(2) in its place, without that turn, saved CPU, but at the highest
+    # submit rate some requests then waited over a second (docs/bench/tuning.md, step 79).
     app.extensions["redis"] = Redis.from_url(
         app.config["REDIS_URL"],
         socket_connect_timeout=0.5,
         socket_timeout=1.0,
         retry=Retry(NoBackoff(), 1, supported_errors=contract.RESENT_ON),  # a pooled connection Redis closed
         health_check_interval=30,
-        parser_class=ReplyParser,
     )
     # Long polls (/result?wait=N) block on Redis: they get connections whose reads may last that long.
     app.extensions["redis_blocking"] = Redis.from_url(
-        app.config["REDIS_URL"],
-        socket_connect_timeout=0.5,
-        socket_timeout=MAX_RESULT_WAIT + 5,
-        parser_class=ReplyParser,
+        app.config["REDIS_URL"], socket_connect_timeout=0.5, socket_timeout=MAX_RESULT_WAIT + 5
     )
     api = Api(app)
     api.register_blueprint(health.bp)
