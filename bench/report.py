@@ -52,8 +52,9 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
         p99 = service["submit_at_300"]["p99_ms"]
         rows.append(("POST /generate p99 <= 15 ms at 300 requests/s", f"{p99} ms", p99 <= 15))
     if "submits_per_s" in service.get("max_submit", {}):
-        rate = service["max_submit"]["submits_per_s"]
-        rows.append((">= 1,500 sustained submits/s", f"{rate:.0f}/s", rate >= 1500))
+        rate, p99 = service["max_submit"]["submits_per_s"], service["max_submit"].get("p99_ms")
+        text = f"{rate:.0f}/s" + (f" (p99 {p99} ms at that rate)" if p99 is not None else "")
+        rows.append((">= 1,500 sustained submits/s", text, rate >= 1500))
     if "trivial_jobs_per_s" in service:
         shipped = service["trivial_jobs_per_s"][SHIPPED_POOL]
         rows.append((">= 1,000 trivial jobs/s across the workers (2 processes)", f"{shipped}/s", shipped >= 1000))
